@@ -1,0 +1,179 @@
+"""Data throughput, all in one run on the same images:
+
+  (a) decode only: our decoder over the encoded bytes held in memory (the limit of any reader),
+  (b) our shard loader (dpt_scale.shards.loader.ShardLoader), 0 / 1 / 2 worker processes,
+  (c) torchvision ImageFolder + DataLoader over the same images as files, 1 / 2 workers,
+plus import throughput (`dpt-scale data import`) and, for context, PIL, torchvision's public
+decode_image and (if installed) TorchCodec on the same bytes.
+
+Goals: (b) >= 0.9 x (a) per worker, and (b) >= 2 x (c). Every process decodes on one thread, as
+dataloader workers do. Figures are medians over repeated epochs.
+
+    python bench/data_throughput.py [--quick] [--json results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import datasets, transforms  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine, median_rate  # noqa: E402
+
+from dpt_scale.cli import main as cli  # noqa: E402
+from dpt_scale.shards.decode import decode_image  # noqa: E402
+from dpt_scale.shards.loader import ShardLoader  # noqa: E402
+from dpt_scale.shards.manifest import Manifest  # noqa: E402
+from dpt_scale.shards.tar import iter_samples  # noqa: E402
+
+BATCH = 256
+EPOCHS = 3  # per timing, read straight through (workers start once per timing)
+
+
+def photo_like(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth colour fields with mild noise: JPEG sizes and decode times like real photos."""
+    coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), dtype=np.int16)
+    return np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+
+
+def make_folder(root: Path, n: int, size: int, classes: int = 10) -> None:
+    rng = np.random.default_rng(size)
+    for i in range(n):
+        directory = root / f"class{i % classes}"
+        directory.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(rng, size)).save(directory / f"img{i:06d}.jpg", quality=90)
+
+
+def mnist_files(shards: Path, root: Path) -> None:
+    """The MNIST shards' PNG bytes as class-per-folder files (identical bytes for (b) and (c))."""
+    manifest = Manifest.load(shards)
+    for entry in manifest.shards:
+        for s in iter_samples(shards / entry.name):
+            directory = root / manifest.classes[int(s["cls"])]
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{s['__key__']}.png").write_bytes(s["png"])
+
+
+def timed_import(args: list[str]) -> float:
+    start = time.perf_counter()
+    assert cli(["-q", "data", "import", *args]) == 0
+    return time.perf_counter() - start
+
+
+def gray_loader(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("L")
+
+
+def count_images(batches) -> int:
+    return sum(len(b[0] if isinstance(b, (list, tuple)) else b["image"]) for b in batches)
+
+
+def measure(name: str, shards: Path, files: Path, channels: int, repeats: int, import_rate: dict) -> dict:
+    manifest = Manifest.load(shards)
+    field = manifest.image["field"]
+    blobs = [s[field] for e in manifest.shards for s in iter_samples(shards / e.name, fields=frozenset({field}))]
+    n = len(blobs)
+    used = n // BATCH * BATCH  # what a drop_last epoch delivers
+
+    def pil():
+        for b in blobs:
+            with Image.open(io.BytesIO(b)) as img:
+                np.asarray(img.convert("L" if channels == 1 else "RGB"))
+
+    def tv_public():
+        from torchvision.io import ImageReadMode, decode_image as tv_decode
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        for b in blobs:
+            tv_decode(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=mode)
+
+    rates = {"decode_limit": median_rate(lambda: [decode_image(b, channels) for b in blobs], n, repeats),
+             "pil_decode": median_rate(pil, n, repeats),
+             "torchvision_public_decode": median_rate(tv_public, n, repeats),
+             "tar_parse_only": median_rate(lambda: sum(1 for e in manifest.shards
+                                                        for _ in iter_samples(shards / e.name)), n, repeats)}
+    try:
+        from torchcodec.decoders import decode_image as tc_decode
+        mode = "GRAY" if channels == 1 else "RGB"
+        rates["torchcodec_decode"] = median_rate(lambda: [tc_decode(b, mode=mode) for b in blobs], n, repeats)
+    except ImportError:
+        pass
+
+    for workers in (0, 1, 2):  # EPOCHS epochs straight through, as training reads them
+        loader = ShardLoader(shards, BATCH, workers=workers, streams=24, world_size=1, rank=0)
+        rates[f"ours_{workers}w"] = median_rate(
+            lambda: count_images(islice(loader.batches(0), EPOCHS * len(loader))), used * EPOCHS, repeats)
+    transform = transforms.PILToTensor()
+    folder = datasets.ImageFolder(files, transform=transform,
+                                  loader=gray_loader if channels == 1 else datasets.folder.pil_loader)
+    for workers in (1, 2):
+        def folder_epochs():
+            dl = DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
+                            persistent_workers=True)
+            return sum(count_images(dl) for _ in range(EPOCHS))
+        rates[f"imagefolder_{workers}w"] = median_rate(folder_epochs, used * EPOCHS, repeats)
+    result = {"name": name, "images": n, "image": manifest.image, "mean_bytes": int(np.mean([len(b) for b in blobs])),
+              "rates": {k: round(v) for k, v in rates.items()}, "import": import_rate,
+              "ratios": {"ours_1w / decode_limit": rates["ours_1w"] / rates["decode_limit"],
+                         "ours_2w / 2 / decode_limit": rates["ours_2w"] / 2 / rates["decode_limit"],
+                         "ours_1w / imagefolder_1w": rates["ours_1w"] / rates["imagefolder_1w"],
+                         "ours_2w / imagefolder_2w": rates["ours_2w"] / rates["imagefolder_2w"]}}
+    print(f"\n## {name}: {n} images, {manifest.image['field']}, {manifest.image['channels']} channel(s), "
+          f"{manifest.image['size']}, {result['mean_bytes']} bytes on average")
+    for key, value in result["rates"].items():
+        print(f"  {key:<28} {value:>9} img/s")
+    for key, value in import_rate.items():
+        print(f"  {key:<28} {value:>9} img/s")
+    for key, value in result["ratios"].items():
+        print(f"  {key:<28} {value:>9.2f}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    repeats = 2 if args.quick else 5
+    info = machine()
+    print("machine:", json.dumps(info))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dpt-bench-") as tmp:
+        work = Path(tmp)
+        seconds = timed_import(["mnist", "--out", str(work / "mnist"), "--workers", "2"])
+        mnist_files(work / "mnist" / "train", work / "mnist_files")
+        results.append(measure("MNIST 28x28 PNG (embedded)", work / "mnist" / "train", work / "mnist_files", 1,
+                               repeats, {"import_mnist_2proc": round(12_000 / seconds)}))
+        for size, n in ((64, 2_000 if args.quick else 10_000), (256, 500 if args.quick else 4_000)):
+            src = work / f"jpg{size}"
+            make_folder(src, n, size)
+            rate = {"import_imagefolder_2proc": round(n / timed_import(
+                ["imagefolder", str(src), "--out", str(work / f"s{size}"), "--format", "jpg", "--workers", "2"]))}
+            if size == 256:
+                rate["import_resize_to_64_2proc"] = round(n / timed_import(
+                    ["imagefolder", str(src), "--out", str(work / "s256to64"), "--format", "jpg",
+                     "--image-size", "64", "--workers", "2"]))
+            results.append(measure(f"{size}x{size} JPEG (photo-like, synthetic)", work / f"s{size}" / "train",
+                                   src, 3, repeats, rate))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

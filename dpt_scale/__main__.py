@@ -1,0 +1,3 @@
+from dpt_scale.cli import main
+
+raise SystemExit(main())

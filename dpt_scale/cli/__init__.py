@@ -1,0 +1,94 @@
+"""The `dpt-scale` command. Subcommands live in this package's modules and register themselves
+with `@command`; this module only builds the parser and turns user errors into one line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dpt_scale.errors import UserError
+from dpt_scale.recipe import dump_recipe, load_recipe
+
+
+@dataclass
+class Command:
+    name: str  # "data import": group and subcommand, or a single word
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(run):
+        COMMANDS[name] = Command(name, help, arguments, run)
+        return run
+    return register
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the usage block too; one line is enough
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def recipe_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    if required:
+        parser.add_argument("recipe", metavar="RECIPE", help="YAML recipe (see recipes/)")
+    else:
+        parser.add_argument("--recipe", metavar="RECIPE", help="YAML recipe; flags and --set override it")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a recipe key, e.g. --set data.image_size=64 (repeatable)")
+
+
+def resolve_recipe(args: argparse.Namespace, preset: dict | None = None):
+    """Load the recipe with flags and overrides applied, and print it."""
+    recipe = load_recipe(args.recipe, args.overrides, preset)
+    if not args.quiet:
+        print("# resolved recipe\n" + dump_recipe(recipe), flush=True)
+    return recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dpt_scale.cli import data, shards  # noqa: F401  (importing registers their commands)
+
+    parser = _Parser(prog="dpt-scale", description="Dual Pseudo Training at scale.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    top = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, cmd in COMMANDS.items():
+        group, _, sub = name.partition(" ")
+        if sub:
+            if group not in groups:
+                groups[group] = top.add_parser(group, help=f"{group} commands").add_subparsers(
+                    dest="subcommand", required=True, parser_class=_Parser, metavar="SUBCOMMAND")
+            p = groups[group].add_parser(sub, help=cmd.help, description=cmd.help)
+        else:
+            p = top.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler], force=True)
+    try:
+        return args.run(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

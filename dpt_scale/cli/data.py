@@ -1,0 +1,73 @@
+"""`dpt-scale data import` and `dpt-scale data subset`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dpt_scale.cli import command, recipe_arguments, resolve_recipe
+from dpt_scale.recipe import save_recipe
+
+
+def _import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", choices=["mnist", "imagefolder", "idx"],
+                   help="mnist: the embedded subset; imagefolder ROOT; idx IMAGES LABELS")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="the source's inputs")
+    p.add_argument("--out", metavar="DIR", help="shard sets go to DIR/train and DIR/val (recipe: data.root)")
+    p.add_argument("--val", nargs="+", metavar="PATH", help="validation inputs, same form as PATH")
+    p.add_argument("--val-fraction", type=float, metavar="F", help="hold out this fraction of train as val")
+    p.add_argument("--image-size", type=int, metavar="N", help="resize the shorter side to N, centre crop NxN")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="store grayscale (1) or RGB (3)")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], help="image encoding in the shards")
+    p.add_argument("--shard-samples", type=int, metavar="N", help="at most N samples per shard")
+    p.add_argument("--workers", type=int, metavar="N", help="decoding/encoding processes")
+    p.add_argument("--force", action="store_true", help="replace shard sets imported with other settings")
+    recipe_arguments(p)
+
+
+@command("data import", "import images (embedded MNIST, an image folder, IDX files) into shard sets",
+         _import_arguments)
+def data_import(args: argparse.Namespace) -> None:
+    from dpt_scale.data.importer import import_data
+
+    flags = {"data.source": (args.source, "source"), "data.paths": (args.paths, "PATH"),
+             "data.root": (args.out, "--out"), "data.val_paths": (args.val, "--val"),
+             "data.val_fraction": (args.val_fraction, "--val-fraction"),
+             "data.image_size": (args.image_size, "--image-size"), "data.channels": (args.channels, "--channels"),
+             "data.format": (args.format, "--format"), "data.shard_samples": (args.shard_samples, "--shard-samples"),
+             "data.import_workers": (args.workers, "--workers")}
+    recipe = resolve_recipe(args, {k: v for k, v in flags.items() if v[0] is not None})
+    import_data(recipe, force=args.force)
+    save_recipe(recipe, Path(recipe.data_root) / "recipe.yaml")
+
+
+def _subset_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", metavar="DIR", help="training shard set (default: <data.root>/train)")
+    p.add_argument("--per-class", type=int, metavar="K", help="K labelled images per class (data.labelled.per_class)")
+    p.add_argument("--seed", type=int, metavar="S", help="which K per class (data.labelled.seed)")
+    p.add_argument("--from-list", metavar="FILE", help="keys or file names, one per line (data.labelled.list)")
+    p.add_argument("--out", metavar="FILE", help="where to write the key list (default: <out>/labelled.txt)")
+    recipe_arguments(p)
+
+
+@command("data subset", "choose the labelled images: K per class, or from a list of names", _subset_arguments)
+def data_subset(args: argparse.Namespace) -> None:
+    from dpt_scale.data.subset import per_class_subset, read_labels, read_list, subset_from_list, write_subset
+    from dpt_scale.shards.manifest import Manifest
+
+    flags = {"data.labelled.per_class": (args.per_class, "--per-class"),
+             "data.labelled.seed": (args.seed, "--seed"), "data.labelled.list": (args.from_list, "--from-list")}
+    recipe = resolve_recipe(args, {k: v for k, v in flags.items() if v[0] is not None})
+    cfg = recipe.data.labelled
+    shards = Path(args.shards or Path(recipe.data_root) / "train")
+    out = Path(args.out or Path(recipe.out) / "labelled.txt")
+    manifest = Manifest.load(shards)
+    labels = read_labels(shards)
+    if cfg.list:
+        keys = subset_from_list(labels, read_list(cfg.list))
+        how = f"from the list {cfg.list}"
+    else:
+        keys = per_class_subset(labels, manifest.classes, cfg.per_class, cfg.seed)
+        how = f"{cfg.per_class} per class, seed {cfg.seed}"
+    write_subset(out, keys, labels, [f"dpt_scale labelled subset of {shards}: {len(keys)} keys, {how}"])
+    save_recipe(recipe, out.with_suffix(".recipe.yaml"))
+    print(f"{out}: {len(keys)} labelled keys ({how})")

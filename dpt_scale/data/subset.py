@@ -1,0 +1,96 @@
+"""Labelled subsets: the keys of the few training images whose label stage 1 may see.
+
+A subset file is plain text, one key per line; lines starting with '#' are comments. It is made
+either by drawing K keys per class (deterministic for a seed, whatever the shard layout) or from
+a list of keys or file names such as the few-label ImageNet lists of the MSN/DPT papers
+(`n04235860_14959.JPEG` per line).
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from dpt_scale.errors import UserError
+from dpt_scale.shards.manifest import Manifest
+from dpt_scale.shards.tar import iter_samples
+
+
+def read_labels(shard_dir: str | Path) -> dict[str, int]:
+    """key -> class of every sample of a shard set (only the small `cls` members are copied)."""
+    shard_dir = Path(shard_dir)
+    manifest = Manifest.load(shard_dir)
+    labels = {}
+    for entry in manifest.shards:
+        for sample in iter_samples(shard_dir / entry.name, fields=frozenset({"cls"})):
+            if "cls" in sample:
+                labels[sample["__key__"]] = int(sample["cls"])
+    if not labels:
+        raise UserError(f"{shard_dir}: no sample carries a label (cls), so no labelled subset can be drawn")
+    return labels
+
+
+def per_class_subset(labels: dict[str, int], classes: list[str], per_class: int, seed: int) -> list[str]:
+    by_class = defaultdict(list)
+    for key, label in labels.items():
+        by_class[label].append(key)
+    short = [(c, len(by_class[c])) for c in range(len(classes)) if len(by_class[c]) < per_class]
+    if short:
+        c, n = short[0]
+        raise UserError(f"class {c} ('{classes[c]}') has {n} image(s), fewer than --per-class {per_class}"
+                        + (f" ({len(short)} classes are short)" if len(short) > 1 else "") + "; lower --per-class")
+    keys = []
+    for c in range(len(classes)):
+        keys += sorted(random.Random(f"subset:{seed}:{c}").sample(sorted(by_class[c]), per_class))
+    return keys
+
+
+def subset_from_list(labels: dict[str, int], names: list[str]) -> list[str]:
+    """Match each name to a key: the key itself, or a file name whose stem is the key's last part."""
+    by_stem: dict[str, str | None] = {}
+    for key in labels:
+        stem = key.rsplit("/", 1)[-1]
+        by_stem[stem] = None if stem in by_stem else key  # None: ambiguous
+    keys, missing, ambiguous = [], [], []
+    for name in names:
+        if name in labels:
+            keys.append(name)
+            continue
+        stem = Path(name).name.split(".", 1)[0]
+        match = by_stem.get(stem.replace(" ", "_"), "")
+        if match == "":
+            missing.append(name)
+        elif match is None:
+            ambiguous.append(name)
+        else:
+            keys.append(match)
+    if missing:
+        raise UserError(f"{len(missing)} listed name(s) match no sample of the shard set, e.g. {missing[:3]}; "
+                        "check that the list belongs to this data set")
+    if ambiguous:
+        raise UserError(f"{len(ambiguous)} listed name(s) match several samples, e.g. {ambiguous[:3]}; "
+                        "list full keys (CLASS/NAME) instead")
+    if len(set(keys)) != len(keys):
+        raise UserError("the list names some images twice; remove the duplicates")
+    return keys
+
+
+def read_list(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"list file not found: {path}")
+    names = [line.strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise UserError(f"{path} lists no keys")
+    return names
+
+
+def write_subset(path: str | Path, keys: list[str], labels: dict[str, int], header: list[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    ordered = sorted(keys, key=lambda k: (labels[k], k))
+    tmp.write_text("".join(f"# {line}\n" for line in header) + "".join(f"{k}\n" for k in ordered))
+    os.replace(tmp, path)

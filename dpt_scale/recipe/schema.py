@@ -1,0 +1,70 @@
+"""The recipe schema: every key a recipe may hold, with its type and default.
+
+A recipe is YAML; `dpt_scale.recipe.load` checks it against these dataclasses. A key's
+`metadata` may carry bounds ("min", "max") that the loader enforces. Relative paths are taken
+from the directory the command runs in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+MiB = 2**20
+
+
+def positive(default, **extra):
+    return field(default=default, metadata={"min": 1, **extra})
+
+
+@dataclass
+class LabelledSubset:
+    """Which training images keep their label: K per class, or the keys/file names in a list."""
+
+    per_class: int = positive(4)
+    seed: int = 0
+    list: str | None = None  # a file of keys or file names (n01440764_10026.JPEG), one per line
+
+
+@dataclass
+class Loader:
+    """How training code streams a shard set (see dpt_scale.shards.loader)."""
+
+    workers: int = field(default=2, metadata={"min": 0})
+    # Virtual streams per rank: the sample order depends on this, not on `workers`,
+    # which must divide it. 24 admits 1, 2, 3, 4, 6, 8, 12 or 24 workers.
+    streams: int = positive(24)
+    shuffle_buffer: int = positive(512)  # samples held per stream for shuffling
+    on_corrupt: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class Data:
+    """Where images come from (`data import`) and where their shards live."""
+
+    source: Literal["mnist", "imagefolder", "idx"] = "mnist"
+    paths: list[str] = field(default_factory=list)  # imagefolder: [ROOT]; idx: [IMAGES, LABELS]
+    val_paths: list[str] = field(default_factory=list)  # same form, for the validation split
+    val_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})
+    root: str | None = None  # shard sets go to ROOT/train and ROOT/val; default <out>/data
+    image_size: int | None = field(default=None, metadata={"min": 1})  # resize + centre crop
+    channels: Literal[1, 3] | None = None  # default: what the source has (1 for MNIST, else 3)
+    format: Literal["png", "jpg", "webp"] = "png"
+    quality: int = field(default=95, metadata={"min": 1, "max": 100})  # jpg / webp
+    shard_samples: int = positive(1000)
+    shard_bytes: int = positive(256 * MiB)
+    import_workers: int = positive(2)
+    seed: int = 0  # shuffles the import order so that every shard mixes all classes
+    labelled: LabelledSubset = field(default_factory=LabelledSubset)
+    loader: Loader = field(default_factory=Loader)
+
+
+@dataclass
+class Recipe:
+    name: str = "dpt"
+    out: str = "runs/dpt"  # every output of the run lives under this directory
+    seed: int = 0
+    data: Data = field(default_factory=Data)
+
+    @property
+    def data_root(self) -> str:
+        return self.data.root or f"{self.out}/data"

@@ -1,0 +1,77 @@
+"""The manifest of a shard set: what every reader needs to plan work without opening a shard.
+
+A shard set is a directory of plain tar files plus `manifest.json`. The manifest is written last
+and atomically, so a directory with a manifest holds a complete set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpt_scale.errors import ShardError
+
+MANIFEST = "manifest.json"
+FORMAT = "dpt_scale.shards/1"
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class ShardEntry:
+    name: str  # file name inside the shard set's directory
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardEntry]
+    classes: list[str]  # class index -> name
+    class_histogram: list[int]  # samples per class index, from each sample's `cls`
+    unlabelled: int = 0  # samples without `cls`
+    # {"field": "png", "channels": 1, "size": [H, W] or None if sizes vary, "min_size", "max_size"}
+    image: dict | None = None
+    meta: dict = field(default_factory=dict)  # provenance: source, settings, tool versions
+    format: str = FORMAT
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST
+        tmp = path.with_name(MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            hint = "is it a shard set? `dpt-scale data import` makes one"
+            if not Path(directory).is_dir():
+                raise ShardError(f"shard set not found: {directory} ({hint})")
+            raise ShardError(f"{directory} has no {MANIFEST}: it is not a complete shard set ({hint})")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT:
+                raise ShardError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; re-create the shard set")
+            data["shards"] = [ShardEntry(**s) for s in data["shards"]]
+            return cls(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ShardError(f"{path} is damaged ({exc}); re-create the shard set or restore the file") from None

@@ -1,0 +1,175 @@
+"""Writing shards: one tar at a time, visible under its final name only once complete.
+
+webdataset's ShardWriter writes straight to the final name (a crash leaves a truncated tar that
+later stops readers) and its `post=` hook also runs after an exception. So we keep webdataset's
+TarWriter for the tar format and own the file: it is written to `NAME.tmp`, hashed on the fly,
+fsynced and renamed only on success; on an exception the temporary is removed, and a temporary
+left by a killed process is removed by the next writer of the same shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import webdataset as wds
+
+from dpt_scale.shards.manifest import Manifest, ShardEntry
+
+TMP_SUFFIX = ".tmp"
+_MEMBER_OVERHEAD = 1024  # tar header + worst-case padding, for the byte limit
+
+
+class _HashingFile:
+    """A write-only file that also feeds a sha256 and counts bytes."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.raw.write(data)
+
+
+def encode_fields(sample: dict) -> dict:
+    """Turn a sample's values into bytes: `cls` as ASCII digits, `json` as UTF-8 JSON."""
+    out = {"__key__": sample["__key__"]}
+    for name, value in sample.items():
+        if name == "__key__" or value is None:
+            continue
+        if name == "cls":
+            value = str(int(value)).encode()
+        elif name == "json" and not isinstance(value, (bytes, bytearray)):
+            value = json.dumps(value, sort_keys=True).encode()
+        out[name] = value
+    return out
+
+
+class ShardWriter:
+    """One tar shard. Use as a context manager: complete on normal exit, removed on an exception."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
+        self.tmp.unlink(missing_ok=True)  # left behind by a killed writer
+        self._file = open(self.tmp, "wb")
+        self._hashing = _HashingFile(self._file)
+        # mtime fixed so that the same samples always give the same bytes (and checksum).
+        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0, user="dpt", group="dpt")
+        self.samples = 0
+        self.payload = 0  # estimated bytes so far, for the caller's byte limit
+
+    def write(self, sample: dict) -> None:
+        self.write_encoded(encode_fields(sample))
+
+    def write_encoded(self, fields: dict) -> None:
+        self._tar.write(fields)
+        self.samples += 1
+        self.payload += estimate_size(fields)
+
+    def close(self) -> ShardEntry:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return ShardEntry(self.path.name, self.samples, self._hashing.bytes, self._hashing.sha256.hexdigest())
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()  # else tarfile's finaliser later writes to the closed file
+        except OSError:
+            pass  # e.g. the disk is full: the shard is being discarded anyway
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.entry = self.close()
+        else:
+            self.abort()
+
+
+def estimate_size(fields: dict) -> int:
+    return sum(len(v) + _MEMBER_OVERHEAD for k, v in fields.items() if k != "__key__")
+
+
+class ShardSetWriter:
+    """A directory of shards `PREFIX-000000.tar`, ... rolled over by sample count and bytes, then
+    `manifest.json`, written last. Samples with `cls` feed the class histogram; pass each image's
+    (channels, height, width) so that the manifest can describe the images."""
+
+    def __init__(self, directory: str | os.PathLike, *, classes: list[str], prefix: str = "shard",
+                 max_samples: int = 1000, max_bytes: int = 256 * 2**20, image_field: str | None = "png",
+                 meta: dict | None = None):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(f"{prefix}-*.tar{TMP_SUFFIX}"):
+            stale.unlink()
+        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
+        self.classes, self.image_field, self.meta = classes, image_field, meta or {}
+        self.histogram = [0] * len(classes)
+        self.unlabelled = 0
+        self.entries: list[ShardEntry] = []
+        self._shard: ShardWriter | None = None
+        self._channels: set[int] = set()
+        self._min = self._max = None
+
+    def write(self, sample: dict, image_shape: tuple[int, int, int] | None = None) -> None:
+        fields = encode_fields(sample)
+        incoming = estimate_size(fields)
+        shard = self._shard
+        if shard is not None and (shard.samples >= self.max_samples or shard.payload + incoming > self.max_bytes):
+            self.end_shard()
+        if self._shard is None:
+            self._shard = ShardWriter(self.dir / f"{self.prefix}-{len(self.entries):06d}.tar")
+        self._shard.write_encoded(fields)
+        cls = sample.get("cls")
+        if cls is None:
+            self.unlabelled += 1
+        else:
+            self.histogram[int(cls)] += 1
+        if image_shape is not None:
+            c, h, w = image_shape
+            self._channels.add(c)
+            self._min = (h, w) if self._min is None else (min(self._min[0], h), min(self._min[1], w))
+            self._max = (h, w) if self._max is None else (max(self._max[0], h), max(self._max[1], w))
+
+    def end_shard(self) -> None:
+        """Complete the current shard now; the next sample starts a new one."""
+        if self._shard is not None:
+            self.entries.append(self._shard.close())
+            self._shard = None
+
+    def close(self) -> Manifest:
+        self.end_shard()
+        image = None
+        if self.image_field is not None and self._min is not None:
+            if len(self._channels) != 1:
+                raise ValueError(f"images with different channel counts {sorted(self._channels)} in one shard set")
+            image = {"field": self.image_field, "channels": self._channels.pop(),
+                     "size": list(self._min) if self._min == self._max else None,
+                     "min_size": list(self._min), "max_size": list(self._max)}
+        manifest = Manifest(self.entries, self.classes, self.histogram, self.unlabelled, image, self.meta)
+        manifest.save(self.dir)
+        return manifest
+
+    def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
+
+    def __enter__(self) -> "ShardSetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.manifest = self.close()
+        else:
+            self.abort()
+

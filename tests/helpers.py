@@ -1,0 +1,74 @@
+"""Small builders shared by the tests: real PNG shards in temporary folders, and CLI runs."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dpt_scale.shards.writer import ShardSetWriter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(value: int, size: int = 8, channels: int = 1) -> bytes:
+    """A small PNG whose pixels encode `value` (so a test can tell images apart after decoding)."""
+    rng = np.random.default_rng(value)
+    shape = (size, size) if channels == 1 else (size, size, 3)
+    array = rng.integers(0, 256, shape, dtype=np.uint8)
+    array.flat[0] = value % 256
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_shard_set(directory: Path, shard_sizes: list[int], num_classes: int = 4, size: int = 8):
+    """Shards with exactly the given sample counts; sample i has key s{i:05d} and class i % classes."""
+    classes = [f"c{c}" for c in range(num_classes)]
+    i = 0
+    with ShardSetWriter(directory, classes=classes, prefix="part", max_samples=10**9) as writer:
+        for n in shard_sizes:
+            for _ in range(n):
+                writer.write({"__key__": f"s{i:05d}", "png": png(i, size), "cls": i % num_classes}, (1, size, size))
+                i += 1
+            writer.end_shard()
+    return directory
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`dpt-scale ARGS` in a fresh interpreter, as a user runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "dpt_scale", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A user error: non-zero exit, no traceback, one line on stderr containing every fragment."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `script` in `nproc` processes under torch.distributed.run on a free local port."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

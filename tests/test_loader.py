@@ -1,0 +1,177 @@
+"""The shard loader: equal work per rank, a fixed order per (seed, epoch), exact mid-epoch resume,
+and the damaged-data policies."""
+from itertools import islice
+
+import pytest
+import torch
+
+from dpt_scale.errors import ShardError, UserError
+from dpt_scale.shards.loader import ShardLoader
+from dpt_scale.shards.manifest import Manifest
+from dpt_scale.shards.plan import EpochPlan
+from helpers import make_shard_set
+
+
+def keys(loader, epoch=0, offset=0):
+    return [k for batch in loader.epoch(epoch, offset) for k in batch["key"]]
+
+
+@pytest.mark.parametrize("counts, batch, world, streams", [
+    ([7, 31, 3, 50, 19], 4, 3, 5), ([7, 31, 3, 50, 19], 1, 2, 1), ([100], 8, 4, 24),
+    ([1, 1, 1, 1, 1, 1, 1, 97], 5, 2, 3), ([10] * 9, 7, 5, 2)])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_plans_give_every_rank_the_same_work_and_each_sample_once(counts, batch, world, streams, drop_last):
+    for epoch in range(3):
+        plans = [EpochPlan(counts, batch_size=batch, world_size=world, rank=r, seed=5, epoch=epoch,
+                           drop_last=drop_last, streams=streams) for r in range(world)]
+        assert len({p.samples for p in plans}) == 1 and len({p.num_batches for p in plans}) == 1
+        taken = [(seg.shard, i) for p in plans for v in range(streams) for seg in p.segments(v)
+                 for i in range(seg.start, seg.stop)]
+        assert len(taken) == len(set(taken)) == plans[0].samples * world  # no sample twice
+        assert sum(counts) - len(taken) < world * (batch if drop_last else 1)  # few sit out
+        for p in plans:
+            per_stream = [sum(s.stop - s.start for s in p.segments(v)) for v in range(streams)]
+            assert per_stream == [sum(p.batch_len(j) for j in range(v, p.num_batches, streams)) for v in range(streams)]
+
+
+def test_an_epoch_reads_every_sample_once(uneven_set):
+    loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, world_size=1, rank=0, streams=4)
+    got = keys(loader)
+    assert sorted(got) == [f"s{i:05d}" for i in range(110)]
+    batch = next(iter(loader.epoch(0)))
+    assert batch["image"].shape == (5, 1, 8, 8) and batch["image"].dtype == torch.uint8
+    assert [int(k[1:]) % 4 for k in batch["key"]] == batch["cls"].tolist()  # labels travel with keys
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
+def test_order_is_fixed_by_seed_and_epoch_not_by_workers(uneven_set):
+    base = dict(batch_size=4, world_size=1, rank=0, streams=4, shuffle_buffer=16)
+    reference = keys(ShardLoader(uneven_set, seed=3, **base))
+    assert keys(ShardLoader(uneven_set, seed=3, **base)) == reference
+    assert keys(ShardLoader(uneven_set, seed=3, workers=2, **base)) == reference
+    assert keys(ShardLoader(uneven_set, seed=3, workers=4, **base)) == reference
+    assert keys(ShardLoader(uneven_set, seed=3, **base), epoch=1) != reference
+    assert keys(ShardLoader(uneven_set, seed=4, **base)) != reference
+    assert sorted(reference) != reference  # actually shuffled
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_offset_resumes_exactly_where_the_epoch_stopped(uneven_set, workers):
+    loader = ShardLoader(uneven_set, batch_size=4, seed=1, world_size=2, rank=1, streams=4, workers=workers)
+    full = keys(loader, epoch=2)
+    for done in (1, 3, 6, len(full) // 4):
+        assert keys(loader, epoch=2, offset=4 * done) == full[4 * done:]
+    with pytest.raises(UserError, match="multiple of the batch size"):
+        keys(loader, epoch=2, offset=3)
+    with pytest.raises(UserError, match="at most"):
+        next(loader.batches(epoch=2, offset=4 * len(loader) + 4))
+    # a checkpoint taken at the very end of an epoch resumes at the start of the next
+    assert next(loader.batches(epoch=2, offset=4 * len(loader)))["key"] == keys(loader, epoch=3)[:4]
+
+
+def test_random_transforms_repeat_on_resume(uneven_set):
+    noisy = lambda image: image.float() + torch.rand(image.shape)  # noqa: E731
+    loader = ShardLoader(uneven_set, batch_size=4, seed=1, streams=2, transform=noisy, world_size=1, rank=0)
+    full = [b["image"] for b in loader.epoch(0)]
+    resumed = [b["image"] for b in loader.epoch(0, offset=8)]
+    assert all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
+    assert not torch.equal(full[0], full[1])
+    state = torch.get_rng_state()
+    list(loader.epoch(0))  # in-process loading leaves the caller's RNG alone
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_run_on_across_epochs_in_the_same_order(uneven_set, workers):
+    loader = ShardLoader(uneven_set, batch_size=4, seed=2, world_size=1, rank=0, streams=2, workers=workers)
+    per_epoch = len(loader)
+    endless = list(islice(loader.batches(1, offset=8), 2 * per_epoch))
+    assert [(b["epoch"], b["index"]) for b in endless] == (
+        [(1, j) for j in range(2, per_epoch)] + [(2, j) for j in range(per_epoch)] + [(3, 0), (3, 1)])
+    assert [k for b in endless[:per_epoch - 2] for k in b["key"]] == keys(loader, 1, offset=8)
+    assert [k for b in endless[per_epoch - 2:2 * per_epoch - 2] for k in b["key"]] == keys(loader, 2)
+
+
+def test_impossible_settings_are_clear_errors(uneven_set):
+    with pytest.raises(UserError, match="too few for 4 rank"):
+        ShardLoader(uneven_set, batch_size=64, world_size=4, rank=0)
+    with pytest.raises(UserError, match="3 dataloader workers do not divide 4 streams"):
+        ShardLoader(uneven_set, batch_size=4, streams=4, workers=3)
+    with pytest.raises(ShardError, match="not a complete shard set"):
+        ShardLoader(uneven_set.parent, batch_size=4)
+
+
+def damage(shard_set, shard_index, how):
+    """Damage one shard: 'truncate' it mid-way, 'flip' a byte of an image, or delete ('missing') it."""
+    path = shard_set / Manifest.load(shard_set).shards[shard_index].name
+    data = bytearray(path.read_bytes())
+    if how == "missing":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        data[1024 + 512 + 60] ^= 0xFF  # inside the first sample's PNG
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("how, fragment", [("truncate", "truncated"), ("flip", "does not decode"),
+                                           ("missing", "shard is missing")])
+def test_damage_stops_the_epoch_naming_shard_and_member(uneven_set, how, fragment):
+    path = damage(uneven_set, 3, how)
+    for workers in (0, 2):
+        loader = ShardLoader(uneven_set, batch_size=4, streams=2, workers=workers, world_size=1, rank=0)
+        with pytest.raises(ShardError) as info:
+            keys(loader)
+        message = str(info.value)
+        assert str(path) in message and fragment in message and "\n" not in message
+        if how == "flip":
+            assert "member 's00041.png'" in message  # shard 3 starts at sample 41
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "missing"])
+def test_skip_policy_replaces_losses_counts_them_and_keeps_ranks_in_step(uneven_set, how, caplog):
+    from dpt_scale.shards.tar import iter_samples
+
+    path = damage(uneven_set, 3, how)
+    readable = 0
+    if how == "truncate":
+        with pytest.raises(ShardError):
+            for _ in iter_samples(path):
+                readable += 1
+    expected_lost = {"truncate": 50 - readable, "flip": 1, "missing": 50}[how]
+    for workers in (0, 2):  # one rank, 110 = 22 x 5: every sample is planned, so every loss shows
+        loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, streams=2, workers=workers,
+                             world_size=1, rank=0, on_corrupt="skip")
+        batches = list(loader.epoch(0))
+        assert len(batches) == len(loader) == 22 and all(len(b["key"]) == 5 for b in batches)
+        assert loader.lost == expected_lost
+    assert "replaced by repeats" in caplog.text and "verify" in caplog.text
+    for rank in (0, 1):  # two ranks still get the same, full batches
+        loader = ShardLoader(uneven_set, batch_size=4, streams=2, world_size=2, rank=rank, on_corrupt="skip")
+        assert [len(b["key"]) for b in loader.epoch(0)] == [4] * len(loader) == [4] * 13
+
+
+def test_json_field_is_delivered_when_asked(tmp_path):
+    from dpt_scale.shards.writer import ShardSetWriter
+    from helpers import png
+
+    with ShardSetWriter(tmp_path, classes=["a"]) as w:
+        for i in range(4):
+            w.write({"__key__": f"k{i}", "png": png(i), "cls": 0, "json": {"seed": i}}, (1, 8, 8))
+    loader = ShardLoader(tmp_path, batch_size=4, shuffle=False, with_json=True, world_size=1, rank=0)
+    assert next(iter(loader.epoch(0)))["json"] == [{"seed": i} for i in range(4)]
+
+
+def test_images_of_different_sizes_need_a_transform(tmp_path):
+    from dpt_scale.shards.writer import ShardSetWriter
+    from helpers import png
+
+    with ShardSetWriter(tmp_path, classes=["a"]) as w:
+        for i, size in enumerate([8, 8, 12, 12]):
+            w.write({"__key__": f"k{i}", "png": png(i, size), "cls": 0}, (1, size, size))
+    with pytest.raises(UserError, match="different shapes"):
+        keys(ShardLoader(tmp_path, batch_size=4, shuffle=False, world_size=1, rank=0))
+    crop = lambda image: image[:, :8, :8]  # noqa: E731
+    assert len(keys(ShardLoader(tmp_path, batch_size=4, transform=crop, world_size=1, rank=0))) == 4
+

@@ -1,0 +1,101 @@
+"""Recipes: typed loading, base inheritance, --set overrides, and one-line errors."""
+import pytest
+import yaml
+
+from dpt_scale.errors import RecipeError
+from dpt_scale.recipe import dump_recipe, load_recipe
+from helpers import assert_one_line_error, run_cli
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file():
+    recipe = load_recipe()
+    assert recipe.data.source == "mnist" and recipe.data.shard_samples == 1000
+    assert recipe.data_root == "runs/dpt/data"
+
+
+def test_base_recipe_then_file_then_flags_then_set(tmp_path):
+    write(tmp_path / "base.yaml", "name: base\nseed: 1\ndata:\n  image_size: 32\n  labelled:\n    per_class: 2\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nname: child\ndata:\n  labelled:\n    seed: 7\n")
+    recipe = load_recipe(child, ["data.labelled.per_class=5", "seed=3"], {"data.root": ("/x", "--out")})
+    assert recipe.name == "child"  # the file overrides its base
+    assert recipe.data.image_size == 32  # inherited
+    assert recipe.data.labelled.seed == 7 and recipe.data.labelled.per_class == 5  # merged, then --set
+    assert recipe.seed == 3 and recipe.data.root == "/x"
+
+
+def test_set_values_take_the_type_of_their_key():
+    recipe = load_recipe(None, ["name=007", "data.val_fraction=0", "data.paths=[a, b]", "data.image_size=null"])
+    assert recipe.name == "007"  # a string key keeps the text
+    assert recipe.data.val_fraction == 0.0 and isinstance(recipe.data.val_fraction, float)
+    assert recipe.data.paths == ["a", "b"] and recipe.data.image_size is None
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(None, ["data.image_size=64", "data.loader.on_corrupt=skip"])
+    again = load_recipe(write(tmp_path / "r.yaml", dump_recipe(recipe)))
+    assert again == recipe
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("data:\n  shard_sampls: 3\n", ["unknown key 'data.shard_sampls'", "did you mean 'data.shard_samples'"]),
+    ("shard_samples: 3\n", ["unknown key 'shard_samples'", "did you mean 'data.shard_samples'"]),
+    ("data:\n  image_size: big\n", ["'data.image_size' expects int", "'big'"]),
+    ("data:\n  format: gif\n", ["'data.format' must be one of", "'gif'"]),
+    ("data:\n  quality: 0\n", ["'data.quality' must be at least 1"]),
+    ("data: [1, 2]\n", ["'data' must be a mapping"]),
+    ("data:\n  image_size: 3\n bad", ["malformed YAML at line"]),
+    ("base: nowhere.yaml\n", ["recipe not found", "nowhere.yaml"]),
+])
+def test_recipe_errors_name_the_key_and_the_fix(tmp_path, text, fragments):
+    path = write(tmp_path / "r.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.labeled.per_class=2", "did you mean 'data.labelled'"),
+    ("data.shard_samples=many", "'data.shard_samples' expects int, got 'many'"),
+    ("data", "expected KEY=VALUE"),
+])
+def test_set_errors(override, fragment):
+    with pytest.raises(RecipeError, match=fragment) as info:
+        load_recipe(None, [override])
+    assert f"--set {override}" in str(info.value)
+
+
+def test_cli_prints_one_line_for_recipe_errors(tmp_path):
+    result = run_cli("data", "import", "mnist", "--out", str(tmp_path / "d"), "--set", "data.shard_sampls=3")
+    assert result.returncode == 2
+    assert_one_line_error(result, "unknown key 'data.shard_sampls'", "data.shard_samples")
+    assert not (tmp_path / "d").exists()  # nothing was written
+    result = run_cli("data", "import", "mnist", "--recipe", str(tmp_path / "missing.yaml"))
+    assert_one_line_error(result, "recipe not found", "missing.yaml")
+
+
+def test_cli_prints_and_saves_the_resolved_recipe(tmp_path):
+    recipe_file = write(tmp_path / "r.yaml", "name: demo\ndata:\n  shard_samples: 4000\n")
+    out = tmp_path / "data"
+    result = run_cli("data", "import", "mnist", "--recipe", str(recipe_file), "--out", str(out),
+                     "--set", "data.format=webp", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout.split("# resolved recipe\n", 1)[1].split("\n\n", 1)[0])
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert printed == saved
+    assert saved["name"] == "demo" and saved["data"]["shard_samples"] == 4000
+    assert saved["data"]["format"] == "webp" and saved["data"]["root"] == str(out)
