@@ -41,6 +41,17 @@ def test_verify_passes_a_good_set_and_lists_every_bad_shard(tmp_path):
     assert all(n in summary for n in names[1:4])
 
 
+def test_verify_catches_a_wrong_index(tmp_path):
+    import json
+
+    shards = make_shard_set(tmp_path / "s", [100])
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["offsets"][1] += 512
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    result = verify(shards)
+    assert result.returncode == 1 and "sample offsets differ from the manifest's index" in result.stdout
+
+
 def test_verify_catches_duplicate_keys_and_bad_labels(tmp_path):
     from dpt_scale.shards.writer import ShardSetWriter
     from helpers import png

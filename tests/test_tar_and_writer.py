@@ -95,10 +95,7 @@ def test_parser_agrees_with_tarfile_on_foreign_archives(tmp_path):
     members = [("dir/a.png", b"1"), (f"{long_dir}/b.cls", b"22"), (f"{long_dir}/b.png", b"333"),
                ("x" * 150 + ".png", b"4444")]
     for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
-        if fmt == tarfile.USTAR_FORMAT:
-            items = members[:3]  # ustar cannot hold a 150-character file name
-        else:
-            items = members
+        items = members[:3] if fmt == tarfile.USTAR_FORMAT else members  # ustar: no 150-character names
         path = tmp_path / f"{fmt}.tar"
         with tarfile.open(path, "w", format=fmt) as tf:
             info = tarfile.TarInfo("dir")
@@ -108,7 +105,8 @@ def test_parser_agrees_with_tarfile_on_foreign_archives(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-        got = [(s["__key__"], sorted((k, v) for k, v in s.items() if k != "__key__")) for s in iter_samples(path)]
+        got = [(s["__key__"], sorted((k, v) for k, v in s.items() if not k.startswith("__")))
+               for s in iter_samples(path)]
         expected = {"dir/a": [("png", b"1")], f"{long_dir}/b": [("cls", b"22"), ("png", b"333")],
                     "x" * 150: [("png", b"4444")]}
         assert got == [(k, expected[k]) for k in dict.fromkeys(n.split(".")[0] for n, _ in items)]
@@ -120,7 +118,7 @@ def test_start_stop_and_field_selection(tmp_path):
     keys = [s["__key__"] for s in iter_samples(shard, 3, 6)]
     assert keys == ["s00003", "s00004", "s00005"]
     only_cls = list(iter_samples(shard, fields=frozenset({"cls"})))
-    assert all(set(s) == {"__key__", "cls"} for s in only_cls) and len(only_cls) == 10
+    assert all({k for k in s if not k.startswith("__")} == {"cls"} for s in only_cls) and len(only_cls) == 10
 
 
 @pytest.mark.parametrize("cut, reason", [(1024 + 512 + 20, "truncated inside member 's00000.png'"),
@@ -146,3 +144,16 @@ def test_missing_and_empty_shards(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     with pytest.raises(ShardError, match="empty file"):
         list(iter_samples(tmp_path / "empty.tar"))
+
+
+def test_the_manifest_index_lets_readers_start_inside_a_shard(tmp_path):
+    make_shard_set(tmp_path, [300])
+    m = Manifest.load(tmp_path)
+    shard = tmp_path / m.shards[0].name
+    assert len(m.shards[0].offsets) == 5 and m.index_every == 64  # samples 0, 64, 128, 192, 256
+    everything = list(iter_samples(shard))
+    assert [s["__offset__"] for s in everything[::64]] == m.shards[0].offsets
+    for start in (0, 63, 64, 200, 299):
+        seek = m.seek(0, start)
+        assert seek[0] <= start and seek[0] % 64 == 0
+        assert list(iter_samples(shard, start, start + 5, seek=seek)) == everything[start:start + 5]

@@ -166,7 +166,8 @@ class _Stream(IterableDataset):
         path = self.ld.dir / entry.name
         want, got = seg.stop - seg.start, 0
         try:
-            for sample in iter_samples(path, seg.start, seg.stop, fields=self.ld.fields):
+            seek = self.ld.manifest.seek(seg.shard, seg.start)
+            for sample in iter_samples(path, seg.start, seg.stop, fields=self.ld.fields, seek=seek):
                 sample["__shard__"] = entry.name
                 got += 1
                 yield sample

@@ -16,6 +16,7 @@ from dpt_scale.errors import ShardError
 MANIFEST = "manifest.json"
 FORMAT = "dpt_scale.shards/1"
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
+INDEX_EVERY = 64  # the manifest records the byte offset of every 64th sample of each shard
 
 
 @dataclass
@@ -24,6 +25,9 @@ class ShardEntry:
     samples: int
     bytes: int
     sha256: str
+    # Byte offsets of samples 0, k, 2k, ... (k = Manifest.index_every), so that a reader can start
+    # inside a shard without walking it from the top. Empty for shards written by other tools.
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -35,7 +39,16 @@ class Manifest:
     # {"field": "png", "channels": 1, "size": [H, W] or None if sizes vary, "min_size", "max_size"}
     image: dict | None = None
     meta: dict = field(default_factory=dict)  # provenance: source, settings, tool versions
+    index_every: int = INDEX_EVERY
     format: str = FORMAT
+
+    def seek(self, shard: int, sample: int) -> tuple[int, int]:
+        """(index, byte offset) of the closest indexed sample at or before `sample` in a shard."""
+        offsets = self.shards[shard].offsets
+        if not offsets:
+            return 0, 0
+        i = min(sample // self.index_every, len(offsets) - 1)
+        return i * self.index_every, offsets[i]
 
     @property
     def num_samples(self) -> int:

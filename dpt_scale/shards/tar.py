@@ -55,10 +55,14 @@ def _open_map(path: str) -> tuple[mmap.mmap, int]:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
 
 
-def _walk(path: str, mm: mmap.mmap, size: int, check_headers: bool) -> Iterator[tuple[bytes, int, int]]:
-    """Yield (name, start, end) of every regular member, the name as raw bytes; data is mm[start:end]."""
-    pos, last = 0, b""
+def _walk(path: str, mm: mmap.mmap, size: int, check_headers: bool,
+          pos: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
+    """Yield (name, start, end, first) for every regular member from byte `pos` on: the name as raw
+    bytes, its data mm[start:end], and `first`, where its first header (maybe a long-name or pax
+    header) begins."""
+    last = b""
     long_name = pax_name = pax_size = None
+    first = pos
     while True:
         if pos + BLOCK > size:
             where = f"after member '{last.decode(errors='replace')}'" if last else "at the start"
@@ -88,7 +92,8 @@ def _walk(path: str, mm: mmap.mmap, size: int, check_headers: bool) -> Iterator[
         if kind in _REGULAR:
             long_name = pax_name = None
             last = name
-            yield name, start, end
+            yield name, start, end, first
+            first = pos
         elif kind == b"L":  # GNU: the data is the next member's name
             long_name = mm[start:end].partition(b"\0")[0]
         elif kind == b"x":  # pax extended header for the next member
@@ -98,6 +103,7 @@ def _walk(path: str, mm: mmap.mmap, size: int, check_headers: bool) -> Iterator[
                 raise TarFormatError(path, f"corrupt pax header at byte {start - BLOCK}") from None
         else:  # directories, links, global pax headers: not sample data
             long_name = pax_name = None
+            first = pos
 
 
 def _pax(data: bytes) -> tuple[bytes | None, int | None]:
@@ -115,19 +121,23 @@ def _pax(data: bytes) -> tuple[bytes | None, int | None]:
 
 
 def iter_samples(path: str | os.PathLike, start: int = 0, stop: int | None = None,
-                 fields: frozenset[str] | None = None, check_headers: bool = False) -> Iterator[dict]:
+                 fields: frozenset[str] | None = None, check_headers: bool = False,
+                 seek: tuple[int, int] = (0, 0)) -> Iterator[dict]:
     """Yield samples `start` to `stop` (indices within the shard) as dicts {"__key__": key,
-    ext: bytes}. `fields` limits which members are copied (all when None). Raises TarFormatError
-    naming the shard and member for a truncated or malformed shard."""
+    "__offset__": byte offset of its first member, ext: bytes}. `fields` limits which members are
+    copied (all when None). `seek` = (index, byte offset) of a sample at or before `start` to walk
+    from (see Manifest.seek). Raises TarFormatError naming the shard and member for a truncated or
+    malformed shard."""
     path = str(path)
     mm, size = _open_map(path)
     with mm:
-        yield from _samples(path, mm, size, start, stop, fields, check_headers)
+        yield from _samples(path, mm, size, start, stop, fields, check_headers, seek)
 
 
-def _samples(path, mm, size, start, stop, fields, check_headers):
-    index, key, sample = -1, None, None
-    for name, begin, end in _walk(path, mm, size, check_headers):
+def _samples(path, mm, size, start, stop, fields, check_headers, seek):
+    (index, pos), key, sample = seek, None, None
+    index -= 1
+    for name, begin, end, first in _walk(path, mm, size, check_headers, pos):
         slash = name.rfind(b"/") + 1
         if name.startswith(b"__", slash):  # webdataset metadata
             continue
@@ -141,7 +151,7 @@ def _samples(path, mm, size, start, stop, fields, check_headers):
             if stop is not None and index >= stop:
                 return
             if index >= start:
-                sample = {"__key__": k.decode()}
+                sample = {"__key__": k.decode(), "__offset__": first}
         if sample is not None:
             ext = name[dot + 1:].decode().lower() if dot >= 0 else ""
             if fields is None or ext in fields:

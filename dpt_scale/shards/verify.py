@@ -44,7 +44,7 @@ def verify(directory: str | Path, workers: int = 2) -> tuple[Manifest, list[Shar
     """Returns the manifest, a report per shard and the faults of the set as a whole."""
     directory = Path(directory)
     manifest = Manifest.load(directory)
-    jobs = [(directory, entry, manifest.image, manifest.num_classes) for entry in manifest.shards]
+    jobs = [(directory, entry, manifest.image, manifest.num_classes, manifest.index_every) for entry in manifest.shards]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
             reports = list(pool.map(_verify_shard, jobs))
@@ -72,7 +72,7 @@ def verify(directory: str | Path, workers: int = 2) -> tuple[Manifest, list[Shar
 
 
 def _verify_shard(job) -> ShardReport:
-    directory, entry, image, num_classes = job
+    directory, entry, image, num_classes, index_every = job
     path = directory / entry.name
     report = ShardReport(entry, [], [], Counter())
     fault = report.faults.append
@@ -84,9 +84,11 @@ def _verify_shard(job) -> ShardReport:
         fault(Fault(entry.name, None, f"{size} bytes, manifest says {entry.bytes} (truncated or replaced)"))
     if _sha256(path) != entry.sha256:
         fault(Fault(entry.name, None, "sha256 differs from the manifest (content changed or damaged)"))
-    count = 0
+    count, offsets = 0, []
     try:
         for sample in iter_samples(path, check_headers=True):
+            if count % index_every == 0:
+                offsets.append(sample["__offset__"])
             count += 1
             report.keys.append(sample["__key__"])
             _check_sample(entry.name, sample, image, num_classes, report)
@@ -95,6 +97,8 @@ def _verify_shard(job) -> ShardReport:
         fault(Fault(entry.name, member, exc.reason if isinstance(exc, TarFormatError) else str(exc)))
     if count != entry.samples:
         fault(Fault(entry.name, None, f"{count} samples readable, manifest says {entry.samples}"))
+    elif entry.offsets and entry.offsets != offsets:
+        fault(Fault(entry.name, None, "sample offsets differ from the manifest's index"))
     return report
 
 

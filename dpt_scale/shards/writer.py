@@ -15,7 +15,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from dpt_scale.shards.manifest import Manifest, ShardEntry
+from dpt_scale.shards.manifest import INDEX_EVERY, Manifest, ShardEntry
 
 TMP_SUFFIX = ".tmp"
 _MEMBER_OVERHEAD = 1024  # tar header + worst-case padding, for the byte limit
@@ -34,10 +34,11 @@ class _HashingFile:
 
 
 def encode_fields(sample: dict) -> dict:
-    """Turn a sample's values into bytes: `cls` as ASCII digits, `json` as UTF-8 JSON."""
+    """Turn a sample's values into bytes: `cls` as ASCII digits, `json` as UTF-8 JSON. Keys such as
+    `__offset__` (added by the reader) are dropped."""
     out = {"__key__": sample["__key__"]}
     for name, value in sample.items():
-        if name == "__key__" or value is None:
+        if name.startswith("__") or value is None:  # __key__ is the member name; others are metadata
             continue
         if name == "cls":
             value = str(int(value)).encode()
@@ -60,11 +61,14 @@ class ShardWriter:
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0, user="dpt", group="dpt")
         self.samples = 0
         self.payload = 0  # estimated bytes so far, for the caller's byte limit
+        self.offsets: list[int] = []  # byte offset of every INDEX_EVERY-th sample
 
     def write(self, sample: dict) -> None:
         self.write_encoded(encode_fields(sample))
 
     def write_encoded(self, fields: dict) -> None:
+        if self.samples % INDEX_EVERY == 0:
+            self.offsets.append(self._tar.tarstream.offset)
         self._tar.write(fields)
         self.samples += 1
         self.payload += estimate_size(fields)
@@ -75,7 +79,8 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
-        return ShardEntry(self.path.name, self.samples, self._hashing.bytes, self._hashing.sha256.hexdigest())
+        return ShardEntry(self.path.name, self.samples, self._hashing.bytes, self._hashing.sha256.hexdigest(),
+                          self.offsets)
 
     def abort(self) -> None:
         try:
