@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine, median_rate  # noqa: E402
+from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
 from dpt_scale.shards.decode import decode_image  # noqa: E402
@@ -89,7 +90,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, repeats: int, i
     field = manifest.image["field"]
     blobs = [s[field] for e in manifest.shards for s in iter_samples(shards / e.name, fields=frozenset({field}))]
     n = len(blobs)
-    used = n // BATCH * BATCH  # what a drop_last epoch delivers
+    mode = "GRAY" if channels == 1 else "RGB"
 
     def pil():
         for b in blobs:
@@ -98,49 +99,85 @@ def measure(name: str, shards: Path, files: Path, channels: int, repeats: int, i
 
     def tv_public():
         from torchvision.io import ImageReadMode, decode_image as tv_decode
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         for b in blobs:
-            tv_decode(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=mode)
+            tv_decode(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode[mode])
 
-    rates = {"decode_limit": median_rate(lambda: [decode_image(b, channels) for b in blobs], n, repeats),
-             "pil_decode": median_rate(pil, n, repeats),
-             "torchvision_public_decode": median_rate(tv_public, n, repeats),
-             "tar_parse_only": median_rate(lambda: sum(1 for e in manifest.shards
-                                                        for _ in iter_samples(shards / e.name)), n, repeats)}
-    try:
+    # (callable, images it handles): every configuration runs once per repeat, in turn, so that
+    # the machine's drift hits all of them alike; ratios are medians of per-repeat ratios.
+    def decode_limit():
+        for b in blobs:  # each output dropped at once, as in the other decode loops
+            decode_image(b, channels)
+
+    def torchcodec():
         from torchcodec.decoders import decode_image as tc_decode
-        mode = "GRAY" if channels == 1 else "RGB"
-        rates["torchcodec_decode"] = median_rate(lambda: [tc_decode(b, mode=mode) for b in blobs], n, repeats)
+        for b in blobs:
+            tc_decode(b, mode=mode)
+
+    configs = {"decode_limit": (decode_limit, n),
+               "pil_decode": (pil, n), "torchvision_public_decode": (tv_public, n),
+               "tar_parse_only": (lambda: sum(1 for e in manifest.shards for _ in iter_samples(shards / e.name)), n)}
+    try:
+        import torchcodec  # noqa: F401  (optional: measured when installed)
+        configs["torchcodec_decode"] = (torchcodec, n)
     except ImportError:
         pass
-
     for workers in (0, 1, 2):  # EPOCHS epochs straight through, as training reads them
         loader = ShardLoader(shards, BATCH, workers=workers, streams=24, world_size=1, rank=0)
-        rates[f"ours_{workers}w"] = median_rate(
-            lambda: count_images(islice(loader.batches(0), EPOCHS * len(loader))), used * EPOCHS, repeats)
-    transform = transforms.PILToTensor()
-    folder = datasets.ImageFolder(files, transform=transform,
+        configs[f"ours_{workers}w"] = (
+            lambda ld=loader: count_images(islice(ld.batches(0), EPOCHS * len(ld))), EPOCHS * len(loader) * BATCH)
+    folder = datasets.ImageFolder(files, transform=transforms.PILToTensor(),
                                   loader=gray_loader if channels == 1 else datasets.folder.pil_loader)
     for workers in (1, 2):
-        def folder_epochs():
+        def folder_epochs(workers=workers):
             dl = DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
                             persistent_workers=True)
             return sum(count_images(dl) for _ in range(EPOCHS))
-        rates[f"imagefolder_{workers}w"] = median_rate(folder_epochs, used * EPOCHS, repeats)
+        configs[f"imagefolder_{workers}w"] = (folder_epochs, EPOCHS * (n // BATCH) * BATCH)
+    runs = {key: [] for key in configs}
+    for _ in range(repeats):
+        for key, (fn, items) in configs.items():
+            start = time.perf_counter()
+            fn()
+            runs[key].append(items / (time.perf_counter() - start))
+    ratio = lambda a, b, k=1: statistics.median(x / k / y for x, y in zip(runs[a], runs[b]))  # noqa: E731
     result = {"name": name, "images": n, "image": manifest.image, "mean_bytes": int(np.mean([len(b) for b in blobs])),
-              "rates": {k: round(v) for k, v in rates.items()}, "import": import_rate,
-              "ratios": {"ours_1w / decode_limit": rates["ours_1w"] / rates["decode_limit"],
-                         "ours_2w / 2 / decode_limit": rates["ours_2w"] / 2 / rates["decode_limit"],
-                         "ours_1w / imagefolder_1w": rates["ours_1w"] / rates["imagefolder_1w"],
-                         "ours_2w / imagefolder_2w": rates["ours_2w"] / rates["imagefolder_2w"]}}
+              "rates": {k: round(statistics.median(v)) for k, v in runs.items()}, "import": import_rate,
+              "ratios": {"ours_0w / decode_limit": ratio("ours_0w", "decode_limit"),
+                         "ours_1w / decode_limit": ratio("ours_1w", "decode_limit"),
+                         "ours_2w / 2 / decode_limit": ratio("ours_2w", "decode_limit", 2),
+                         "ours_1w / imagefolder_1w": ratio("ours_1w", "imagefolder_1w"),
+                         "ours_2w / imagefolder_2w": ratio("ours_2w", "imagefolder_2w")}}
     print(f"\n## {name}: {n} images, {manifest.image['field']}, {manifest.image['channels']} channel(s), "
           f"{manifest.image['size']}, {result['mean_bytes']} bytes on average")
-    for key, value in result["rates"].items():
-        print(f"  {key:<28} {value:>9} img/s")
-    for key, value in import_rate.items():
+    for key, value in {**result["rates"], **import_rate}.items():
         print(f"  {key:<28} {value:>9} img/s")
     for key, value in result["ratios"].items():
         print(f"  {key:<28} {value:>9.2f}")
+    return result
+
+
+def batch_memory(repeats: int = 30) -> dict:
+    """Why batch buffers are reused: one 256 x 3 x 64 x 64 uint8 batch stacked into fresh private
+    memory, fresh shared memory (what a DataLoader worker does per batch) and reused shared memory."""
+    images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8) for _ in range(256)]
+    reused = torch.empty(256 * 3 * 64 * 64, dtype=torch.uint8).share_memory_().view(256, 3, 64, 64)
+
+    def fresh_shared():
+        out = torch.empty(256 * 3 * 64 * 64, dtype=torch.uint8).share_memory_().view(256, 3, 64, 64)
+        torch.stack(images, out=out)
+
+    cases = {"fresh_private": lambda: torch.stack(images), "fresh_shared": fresh_shared,
+             "reused_shared": lambda: torch.stack(images, out=reused)}
+    times = {k: [] for k in cases}
+    for _ in range(repeats):
+        for key, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    result = {f"{k}_ms": round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+    print("\n## one 3 MB batch (256 x 3 x 64 x 64 uint8) stacked into ...")
+    for key, value in result.items():
+        print(f"  {key:<28} {value:>9.3f} ms")
     return result
 
 
@@ -171,8 +208,9 @@ def main() -> None:
                      "--image-size", "64", "--workers", "2"]))
             results.append(measure(f"{size}x{size} JPEG (photo-like, synthetic)", work / f"s{size}" / "train",
                                    src, 3, repeats, rate))
+    memory = batch_memory()
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": info, "results": results, "batch_memory": memory}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 
@@ -27,13 +25,3 @@ def machine() -> dict:
             "cores": os.cpu_count(), "memory_gib": round(memory, 1), "python": sys.version.split()[0],
             "platform": platform.platform(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def median_rate(fn, items: int, repeats: int = 5) -> float:
-    """Median items/s over `repeats` calls of fn()."""
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        rates.append(items / (time.perf_counter() - start))
-    return statistics.median(rates)

@@ -45,7 +45,7 @@ def test_an_epoch_reads_every_sample_once(uneven_set):
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 def test_order_is_fixed_by_seed_and_epoch_not_by_workers(uneven_set):
-    base = dict(batch_size=4, world_size=1, rank=0, streams=4, shuffle_buffer=16)
+    base = dict(batch_size=4, world_size=1, rank=0, streams=4, shuffle_buffer=64)
     reference = keys(ShardLoader(uneven_set, seed=3, **base))
     assert keys(ShardLoader(uneven_set, seed=3, **base)) == reference
     assert keys(ShardLoader(uneven_set, seed=3, workers=2, **base)) == reference
@@ -175,3 +175,43 @@ def test_images_of_different_sizes_need_a_transform(tmp_path):
     crop = lambda image: image[:, :8, :8]  # noqa: E731
     assert len(keys(ShardLoader(tmp_path, batch_size=4, transform=crop, world_size=1, rank=0))) == 4
 
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reused_batch_buffers_never_overwrite_batches_still_held(uneven_set, workers):
+    """Batch memory is recycled, but only once nothing refers to it: keeping whole batches, or only
+    NumPy views of them, keeps their contents."""
+    from dpt_scale.shards.decode import decode_image
+    from dpt_scale.shards.tar import iter_samples
+
+    by_key = {s["__key__"]: decode_image(s["png"], 1) for e in Manifest.load(uneven_set).shards
+              for s in iter_samples(uneven_set / e.name)}
+    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    kept = list(islice(loader.batches(0), 3 * len(loader)))  # every batch held at once
+    arrays = [(b["key"], b["image"].numpy()) for b in islice(loader.batches(0), 3 * len(loader))]
+    for batch_keys, images in [(b["key"], b["image"]) for b in kept] + arrays:
+        assert all(torch.equal(torch.as_tensor(image), by_key[k]) for k, image in zip(batch_keys, images))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_buffers_are_recycled_when_dropped(uneven_set, workers):
+    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    addresses = {b["image"].data_ptr() for b in islice(loader.batches(0), 40)}
+    assert len(addresses) <= 4 * max(workers, 1)  # a few buffers per worker serve all 40 batches
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rgb_batches_come_channels_last_with_exact_pixels(tmp_path, workers):
+    from dpt_scale.shards.decode import decode_image
+    from dpt_scale.shards.writer import ShardSetWriter
+    from helpers import png
+
+    with ShardSetWriter(tmp_path, classes=["a"], max_samples=5) as w:
+        for i in range(12):
+            w.write({"__key__": f"k{i:02d}", "png": png(i, size=6, channels=3), "cls": 0}, (3, 6, 6))
+    loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    for batch in loader.epoch(0):
+        assert batch["image"].shape == (4, 3, 6, 6)
+        assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+        for key, image in zip(batch["key"], batch["image"]):
+            assert torch.equal(image, decode_image(png(int(key[1:]), size=6, channels=3), 3))

@@ -37,8 +37,11 @@ def import_data(recipe: Recipe, force: bool = False) -> dict[str, Manifest]:
     for note in source.notes:
         log.warning(note)
     splits = dict(source.splits)
-    if "val" not in splits and cfg.val_fraction > 0:
-        splits = _hold_out(splits["train"], cfg.val_fraction)
+    if cfg.val_fraction > 0:
+        if "val" in splits:
+            log.warning(f"val_fraction {cfg.val_fraction} ignored: the {cfg.source} source has a validation split")
+        else:
+            splits = _hold_out(splits["train"], cfg.val_fraction)
     settings = EncodeSettings(cfg.format, cfg.channels or source.channels, cfg.image_size, cfg.quality)
     identity = {
         "source": cfg.source, "paths": [str(Path(p).resolve()) for p in cfg.paths],

@@ -33,7 +33,7 @@ class Loader:
     # Virtual streams per rank: the sample order depends on this, not on `workers`,
     # which must divide it. 24 admits 1, 2, 3, 4, 6, 8, 12 or 24 workers.
     streams: int = positive(24)
-    shuffle_buffer: int = positive(512)  # samples held per stream for shuffling
+    shuffle_buffer: int = positive(4096)  # raw samples held for shuffling per rank, shared by the streams
     on_corrupt: Literal["error", "skip"] = "error"
 
 

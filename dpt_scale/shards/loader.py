@@ -2,7 +2,8 @@
 
     loader = ShardLoader("runs/x/data/train", batch_size=64, seed=0, workers=2, streams=24)
     for batch in loader.batches(epoch=start_epoch, offset=samples_done_in_that_epoch):
-        batch["image"]   # uint8 (B, C, H, W), or whatever `transform` returns, stacked
+        batch["image"]   # uint8 (B, C, H, W), or whatever `transform` returns, stacked; RGB
+                         # batches come in channels_last memory format (.contiguous() for NCHW)
         batch["cls"]     # int64 (B,), -1 where a sample has no label
         batch["key"]     # list of sample keys
         batch["epoch"], batch["index"]  # where this batch sits: resume after it at
@@ -31,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
+from dpt_scale.shards.batchpool import BatchPool
 from dpt_scale.shards.decode import ImageDecodeError, decode_image
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
@@ -47,7 +49,7 @@ POLICIES = ("error", "skip")
 class ShardLoader:
     def __init__(self, directory: str | Path, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, transform: Callable | None = None, workers: int = 0,
-                 streams: int = 1, shuffle_buffer: int = 512, on_corrupt: str = "error",
+                 streams: int = 1, shuffle_buffer: int = 4096, on_corrupt: str = "error",
                  rank: int | None = None, world_size: int | None = None, with_json: bool = False,
                  pin_memory: bool = False):
         if on_corrupt not in POLICIES:
@@ -85,7 +87,8 @@ class ShardLoader:
         if offset % self.batch_size or offset > self.batch_size * self.batches_per_epoch:
             raise UserError(f"offset {offset} must be a multiple of the batch size {self.batch_size} "
                             f"and at most {self.batch_size * self.batches_per_epoch} (one epoch)")
-        stream = _Stream(self, epoch, offset // self.batch_size)
+        pool = BatchPool(self.workers, shared=self.workers > 0)
+        stream = _Stream(self, epoch, offset // self.batch_size, pool)
         source = iter(stream) if self.workers == 0 else iter(DataLoader(
             stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory))
         current, lost = epoch, 0
@@ -94,6 +97,8 @@ class ShardLoader:
                 if "error" in batch:
                     is_shard_error, message = batch["error"]
                     raise (ShardError if is_shard_error else UserError)(message)
+                pool.received(*batch.pop("slot"), batch["image"])
+                pool.hand_back()
                 if batch["epoch"] != current:
                     self._report(current, lost)
                     current, lost = batch["epoch"], 0
@@ -124,8 +129,8 @@ class _Stream(IterableDataset):
     w, w + W, w + 2W, ... counted from the start; inside an epoch those all come from the streams
     congruent to one residue mod W, which that worker alone reads (W divides the streams)."""
 
-    def __init__(self, loader: ShardLoader, first_epoch: int, first_batch: int):
-        self.ld, self.first_epoch, self.first_batch = loader, first_epoch, first_batch
+    def __init__(self, loader: ShardLoader, first_epoch: int, first_batch: int, pool: BatchPool):
+        self.ld, self.first_epoch, self.first_batch, self.pool = loader, first_epoch, first_batch, pool
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -149,7 +154,7 @@ class _Stream(IterableDataset):
             v = plan.stream_of(j)
             if v not in streams:
                 streams[v] = self._stream(plan, v, consumed)
-            yield self._collate(plan, list(islice(streams[v], plan.batch_len(j))), j)
+            yield self._collate(plan, list(islice(streams[v], plan.batch_len(j))), j, worker)
 
     def _stream(self, plan: EpochPlan, v: int, consumed: int) -> Iterator[dict | None]:
         """Stream v's raw samples (None for a lost one), shuffled, minus those of the first
@@ -157,7 +162,7 @@ class _Stream(IterableDataset):
         samples = chain.from_iterable(self._segment(seg) for seg in plan.segments(v))
         if self.ld.shuffle:
             rng = random.Random(f"samples:{self.ld.seed}:{plan.epoch}:{self.ld.rank}:{v}")
-            size = self.ld.shuffle_buffer
+            size = max(1, self.ld.shuffle_buffer // self.ld.streams)  # the rank's buffer, shared out
             samples = wds.shuffle(size, initial=size, rng=rng)(samples)
         return islice(samples, plan.skipped(v, consumed), None)
 
@@ -180,31 +185,22 @@ class _Stream(IterableDataset):
             log.warning(f"skipping {want - got} sample(s) of {entry.name}: {exc}")
         yield from repeat(None, want - got)
 
-    def _collate(self, plan: EpochPlan, raw: list[dict | None], j: int) -> dict:
-        good, lost = [], 0
+    def _collate(self, plan: EpochPlan, raw: list[dict | None], j: int, worker: int) -> dict:
+        """Decode a batch into a pooled buffer a chunk of images at a time: holding a whole batch of
+        decoded images first would cost fresh memory (page faults) every batch for large images,
+        and copying them one by one costs more than stacking for small ones."""
+        batch = _Batch(self.pool, worker, len(raw), self.ld.dir)
         seed = random.Random(f"augment:{self.ld.seed}:{plan.epoch}:{self.ld.rank}:{j}").getrandbits(63)
         with _seeded(seed) if self.ld.transform else nullcontext():
             for sample in raw:
-                item = None if sample is None else self._decode(sample)
-                if item is None:
-                    lost += 1
-                else:
-                    good.append(item)
-            if not good:
-                good = [self._first_readable()]
-        items = list(islice(cycle(good), len(raw)))  # the good ones, then repeats for the lost
-        try:
-            # default_collate stacks straight into shared memory inside a worker: no extra copy.
-            images = default_collate([it[0] for it in items])
-        except RuntimeError:
-            shapes = sorted({tuple(it[0].shape) for it in items})
-            raise UserError(f"{self.ld.dir}: images of different shapes {shapes[:3]} cannot form a batch; "
-                            f"import with a fixed image size or pass a transform that resizes") from None
-        batch = {"image": images, "cls": torch.tensor([it[1] for it in items], dtype=torch.int64),
-                 "key": [it[2] for it in items], "epoch": plan.epoch, "index": j, "lost": lost}
-        if "json" in self.ld.fields:
-            batch["json"] = [it[3] for it in items]
-        return batch
+                batch.add(None if sample is None else self._decode(sample))
+            if batch.filled == 0 and not batch.pending:  # not one readable sample in the whole batch
+                batch.add(self._first_readable())  # stands in; the batch's samples stay counted as lost
+        out = batch.finish()
+        out.update(epoch=plan.epoch, index=j)
+        if "json" not in self.ld.fields:
+            del out["json"]
+        return out
 
     def _decode(self, sample: dict) -> tuple | None:
         """(image, class, key, json) of a raw sample; None if it is damaged and the policy skips."""
@@ -238,6 +234,57 @@ class _Stream(IterableDataset):
             except ShardError:
                 continue
         raise ShardError(f"{self.ld.dir}: not one sample of the set is readable; run `dpt-scale shards verify`")
+
+
+class _Batch:
+    """Decoded samples gathered into a pooled buffer, CHUNK at a time, good samples first; lost
+    ones (None) are counted and replaced at the end by repeats of the good ones."""
+
+    CHUNK = 16
+
+    def __init__(self, pool: BatchPool, worker: int, size: int, where: Path):
+        self.pool, self.worker, self.size, self.where = pool, worker, size, where
+        self.images, self.slot, self.filled, self.lost = None, -1, 0, 0
+        self.pending: list[tuple] = []
+        self.meta: list[tuple] = []  # (class, key, json) of each filled position
+
+    def add(self, item: tuple | None) -> None:
+        if item is None:
+            self.lost += 1
+            return
+        self.pending.append(item)
+        if len(self.pending) == self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        first = self.pending[0][0]
+        if self.images is None:
+            if not isinstance(first, torch.Tensor):
+                raise UserError(f"the loader's transform must return a tensor, not {type(first).__name__}")
+            # The decoders give (C, H, W) views of (H, W, C) memory; a batch laid out the same way
+            # (channels_last) fills with plain copies, 10x faster than transposing (benchmarks.md).
+            hwc = first.dim() == 3 and first.shape[0] > 1 and first.stride(0) == 1
+            self.images, self.slot = self.pool.take(self.worker, (self.size, *first.shape), first.dtype, hwc)
+        end = self.filled + len(self.pending)
+        try:
+            torch.stack([it[0] for it in self.pending], out=self.images[self.filled:end])
+        except RuntimeError:
+            shapes = sorted({tuple(it[0].shape) for it in self.pending} | {tuple(self.images.shape[1:])})
+            raise UserError(f"{self.where}: images of different shapes {shapes[:3]} cannot form a batch; "
+                            "import with a fixed image size or pass a transform that resizes") from None
+        self.meta += [it[1:] for it in self.pending]
+        self.filled, self.pending = end, []
+
+    def finish(self) -> dict:
+        self._flush()
+        for pos in range(self.filled, self.size):  # repeats of good samples stand in for lost ones
+            self.images[pos].copy_(self.images[pos - self.filled])
+            self.meta.append(self.meta[pos - self.filled])
+        return {"image": self.images, "cls": torch.tensor([m[0] for m in self.meta], dtype=torch.int64),
+                "key": [m[1] for m in self.meta], "json": [m[2] for m in self.meta],
+                "lost": self.lost, "slot": (self.worker, self.slot)}
 
 
 @contextmanager

@@ -1,0 +1,77 @@
+"""Reused batch buffers, so that a batch does not cost fresh memory every time.
+
+A DataLoader worker normally puts every batch into a new shared-memory segment, and a large batch
+in-process gets a new allocation; the first touch of fresh pages dominates on some machines (here:
+stacking 256 64x64 RGB images into fresh shared memory costs 2.6 ms, into reused memory 0.2 ms;
+docs/benchmarks.md). So each worker keeps a few buffers (shared memory inside a DataLoader worker,
+ordinary memory in-process) and writes batches into them.
+
+A buffer is reused only once nothing outside the pool refers to it any more: the main process
+keeps one reference to each buffer it has received (so that receiving it again maps nothing new)
+and, before each batch, hands back every buffer whose storage has no other user (no tensor, view,
+NumPy array or alias of it is alive: the storage's use count is 1). A worker that finds no free
+buffer allocates a new one rather than wait, so a caller who keeps batches cannot stall it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SLOTS = 6  # buffers per worker: 2 prefetched + 1 being filled + 2 held by the caller, and one spare
+
+
+class BatchPool:
+    def __init__(self, workers: int, shared: bool):
+        self.shared = shared
+        self.free = torch.ones(max(workers, 1), SLOTS, dtype=torch.uint8)  # 1: the worker may use it
+        if shared:
+            self.free.share_memory_()
+        self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat uint8 buffer
+        self._held: dict[tuple[int, int], torch.UntypedStorage] = {}  # main side
+
+    # ---- worker side
+
+    def take(self, worker: int, shape: tuple[int, ...], dtype: torch.dtype,
+             channels_last: bool = False) -> tuple[torch.Tensor, int]:
+        """An uninitialised (B, ...) tensor to fill, and its slot (-1: not pooled, nothing to hand
+        back). `channels_last` lays a (B, C, H, W) batch out as (B, H, W, C) in memory."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        for slot in range(SLOTS):
+            if self.free[worker, slot]:
+                buffer = self._buffers.get(slot)
+                if buffer is None or buffer.numel() != nbytes:
+                    buffer = self._buffers[slot] = self._new(nbytes)
+                self.free[worker, slot] = 0
+                return _shaped(buffer, shape, dtype, channels_last), slot
+        return _shaped(self._new(nbytes), shape, dtype, channels_last), -1
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer.share_memory_() if self.shared else buffer
+
+    # ---- main side
+
+    def received(self, worker: int, slot: int, tensor: torch.Tensor) -> None:
+        if slot < 0:
+            return
+        if tensor.is_pinned():  # DataLoader's pin_memory thread copied it out and let the buffer go
+            self.free[worker, slot] = 1
+        else:
+            self._held[worker, slot] = tensor.untyped_storage()
+
+    def hand_back(self) -> None:
+        """Free every received buffer that nobody but the pool refers to."""
+        idle = 1 if self.shared else 2  # in-process, the pool's own buffer tensor is a second owner
+        for (worker, slot), storage in self._held.items():
+            # Private API, but torch is pinned exactly: the count of owners of the memory itself,
+            # which a weakref on the tensor cannot give (tensor.numpy() outlives the tensor).
+            if not self.free[worker, slot] and torch._C._storage_Use_Count(storage._cdata) == idle:
+                self.free[worker, slot] = 1
+
+
+def _shaped(buffer: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        b, c, h, w = shape
+        return buffer.view(dtype).view(b, h, w, c).permute(0, 3, 1, 2)
+    return buffer.view(dtype).view(shape)
