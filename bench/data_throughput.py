@@ -108,7 +108,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, repeats: int, i
         for b in blobs:  # each output dropped at once, as in the other decode loops
             decode_image(b, channels)
 
-    def torchcodec():
+    def torchcodec_loop():
         from torchcodec.decoders import decode_image as tc_decode
         for b in blobs:
             tc_decode(b, mode=mode)
@@ -118,7 +118,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, repeats: int, i
                "tar_parse_only": (lambda: sum(1 for e in manifest.shards for _ in iter_samples(shards / e.name)), n)}
     try:
         import torchcodec  # noqa: F401  (optional: measured when installed)
-        configs["torchcodec_decode"] = (torchcodec, n)
+        configs["torchcodec_decode"] = (torchcodec_loop, n)
     except ImportError:
         pass
     for workers in (0, 1, 2):  # EPOCHS epochs straight through, as training reads them

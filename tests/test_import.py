@@ -86,6 +86,24 @@ def test_idx_files(tmp_path):
     assert Manifest.load(out / "val").num_samples == 6
 
 
+def test_groups_over_the_byte_limit_continue_in_extra_shards(tmp_path):
+    from dpt_scale.shards.loader import ShardLoader
+
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "img", rng.integers(0, 256, (30, 12, 10), dtype=np.uint8))
+    write_idx(tmp_path / "lab", (np.arange(30) % 3).astype(np.uint8))
+    out = tmp_path / "out"
+    assert main(["-q", "data", "import", "idx", str(tmp_path / "img"), str(tmp_path / "lab"), "--out", str(out),
+                 "--shard-samples", "8", "--set", "data.shard_bytes=6000", "--workers", "2"]) == 0
+    manifest = Manifest.load(out / "train")
+    names = [s.name for s in manifest.shards]
+    assert names[:2] == ["train-000000.tar", "train-000000-1.tar"] and len(names) > 4
+    assert all(s.bytes <= 6000 + 10240 for s in manifest.shards) and manifest.num_samples == 30
+    loader = ShardLoader(out / "train", batch_size=5, drop_last=False, world_size=1, rank=0)
+    assert sorted(k for b in loader.epoch(0) for k in b["key"]) == [f"train-{i:06d}" for i in range(30)]
+    assert run_cli("shards", "verify", str(out / "train")).returncode == 0
+
+
 def test_broken_idx_is_a_clear_error(tmp_path):
     (tmp_path / "img").write_bytes(b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") * 3 + b"short")
     write_idx(tmp_path / "lab", np.zeros(5, np.uint8))

@@ -71,13 +71,14 @@ def encode_file(item: tuple[str, str, int], s: EncodeSettings) -> Encoded | Unre
     A JPEG that needs no change keeps its original bytes: no second lossy compression."""
     key, path, label = item
     try:
-        with Image.open(path) as img:
+        raw = Path(path).read_bytes()  # once: decoded below, and kept as is when no change is needed
+        with Image.open(io.BytesIO(raw)) as img:
             if s.image_size is not None and img.format == "JPEG":
                 img.draft(MODES[s.channels], (s.image_size, s.image_size))  # DCT-domain downscale: fast
             img.load()
             if (img.format == "JPEG" and s.format == "jpg" and s.image_size is None
                     and img.mode == MODES[s.channels]):
-                return Encoded(key, Path(path).read_bytes(), label, (s.channels, img.height, img.width))
+                return Encoded(key, raw, label, (s.channels, img.height, img.width))
             data, shape = encode_pil(img, s)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return Unreadable(key, str(path), f"{type(exc).__name__}: {exc}")

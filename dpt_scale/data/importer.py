@@ -13,8 +13,8 @@ import random
 import re
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,7 +25,7 @@ from dpt_scale.data.sources import SOURCES, Source
 from dpt_scale.errors import UserError
 from dpt_scale.recipe.schema import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest
-from dpt_scale.shards.writer import ShardSetWriter
+from dpt_scale.shards.writer import SetStats, ShardSetWriter
 
 log = logging.getLogger(__name__)
 UNREADABLE_LIST = "unreadable.txt"
@@ -72,7 +72,7 @@ def _existing(out: Path, split: str, identity: dict, force: bool) -> Manifest | 
     """A complete set made with the same settings is reused; anything else of ours is cleared."""
     if not out.exists():
         return None
-    ours = re.compile(rf"{split}-\d+\.tar(\.tmp)?|{MANIFEST}(\.tmp)?|{UNREADABLE_LIST}")
+    ours = re.compile(rf"{split}-\d+(-\d+)?\.tar(\.tmp)?|{MANIFEST}(\.tmp)?|{UNREADABLE_LIST}")
     foreign = [p.name for p in out.iterdir() if not ours.fullmatch(p.name)]
     if foreign:
         raise UserError(f"{out} exists and holds files this import did not make ({', '.join(foreign[:3])}); "
@@ -94,33 +94,69 @@ def _existing(out: Path, split: str, identity: dict, force: bool) -> Manifest | 
 
 def _write_split(out: Path, split: str, items: list[tuple], source: Source, settings: EncodeSettings,
                  identity: dict, workers: int) -> Manifest:
+    """Shard k holds the k-th group of `shard_samples` items of a seeded shuffle; each group is
+    encoded and written by one worker (the main process only merges the statistics), so the shards
+    are the same for any number of workers and writing is not serialised through one process."""
     order = list(items)
     random.Random(f"import:{identity['seed']}:{split}").shuffle(order)
-    encode = partial(encode_array if source.kind == "array" else encode_file, s=settings)
-    meta = {"source": identity["source"], "import": identity, "split": split, "dpt_scale": dpt_scale.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    unreadable = []
+    size = identity["shard_samples"]
+    tasks = [_Group(out, split, k, order[i:i + size], source.kind, settings, identity["shard_bytes"], source.classes)
+             for k, i in enumerate(range(0, len(order), size))]
+    out.mkdir(parents=True, exist_ok=True)
+    entries, stats, unreadable = [], SetStats([0] * len(source.classes)), []
     start = time.perf_counter()
-    pool = multiprocessing.Pool(workers) if workers > 1 else nullcontext()
-    with pool, ShardSetWriter(out, classes=source.classes, prefix=split, max_samples=identity["shard_samples"],
-                              max_bytes=identity["shard_bytes"], image_field=settings.format, meta=meta) as writer:
-        results = pool.imap(encode, order, chunksize=256 if source.kind == "array" else 16) if workers > 1 \
-            else map(encode, order)
-        for result in tqdm(results, total=len(order), desc=f"import {split}", unit="img", disable=None,
-                           mininterval=2):
-            if isinstance(result, Unreadable):
-                log.warning(f"skipped unreadable image {result.source}: {result.reason}")
-                unreadable.append(result)
-                continue
-            writer.write({"__key__": result.key, settings.format: result.data, "cls": result.label}, result.shape)
-        if len(unreadable) == len(order):
-            raise UserError(f"no readable image in the {split} split of the source; nothing was imported")
-        meta["unreadable"] = len(unreadable)
-    manifest = writer.manifest
+    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool, \
+            tqdm(total=len(order), desc=f"import {split}", unit="img", disable=None, mininterval=2) as progress:
+        for group, (group_entries, group_stats, group_unreadable) in zip(
+                tasks, pool.imap(_write_group, tasks) if workers > 1 else map(_write_group, tasks)):
+            for u in group_unreadable:
+                log.warning(f"skipped unreadable image {u.source}: {u.reason}")
+            entries += group_entries
+            stats.merge(group_stats)
+            unreadable += group_unreadable
+            progress.update(len(group.items))
+    if len(unreadable) == len(order):
+        raise UserError(f"no readable image in the {split} split of the source; nothing was imported")
     if unreadable:
         (out / UNREADABLE_LIST).write_text("".join(f"{u.source}\t{u.reason}\n" for u in unreadable))
+    meta = {"source": identity["source"], "import": identity, "split": split, "unreadable": len(unreadable),
+            "dpt_scale": dpt_scale.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    manifest = stats.manifest(entries, source.classes, settings.format, meta)
+    manifest.save(out)
     elapsed = time.perf_counter() - start
     skipped = f"; {len(unreadable)} unreadable image(s) skipped, listed in {out / UNREADABLE_LIST}" if unreadable else ""
     print(f"{out}: {manifest.num_samples} images in {len(manifest.shards)} shard(s), "
           f"{manifest.num_bytes / 2**20:.1f} MiB, {manifest.num_samples / elapsed:.0f} images/s{skipped}")
     return manifest
+
+
+@dataclass
+class _Group:
+    out: Path
+    split: str
+    index: int
+    items: list[tuple]
+    kind: str
+    settings: EncodeSettings
+    max_bytes: int
+    classes: list[str]
+
+    def shard_name(self, part: int) -> str:
+        """SPLIT-00000k.tar; a group over the byte limit continues in SPLIT-00000k-1.tar, ..."""
+        return f"{self.split}-{self.index:06d}" + (f"-{part}" if part else "") + ".tar"
+
+
+def _write_group(group: _Group) -> tuple[list, SetStats, list[Unreadable]]:
+    """In a worker: encode one group and write its shard(s), without a manifest."""
+    encode = encode_array if group.kind == "array" else encode_file
+    unreadable = []
+    with ShardSetWriter(group.out, classes=group.classes, max_samples=len(group.items), max_bytes=group.max_bytes,
+                        image_field=group.settings.format, name=group.shard_name, save_manifest=False) as writer:
+        for item in group.items:
+            result = encode(item, group.settings)
+            if isinstance(result, Unreadable):
+                unreadable.append(result)
+            else:
+                writer.write({"__key__": result.key, group.settings.format: result.data, "cls": result.label},
+                             result.shape)
+    return writer.entries, writer.stats, unreadable

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
@@ -104,26 +106,65 @@ def estimate_size(fields: dict) -> int:
     return sum(len(v) + _MEMBER_OVERHEAD for k, v in fields.items() if k != "__key__")
 
 
+@dataclass
+class SetStats:
+    """What the manifest says about a set's samples; parts written apart (by import workers) merge."""
+
+    histogram: list[int]
+    unlabelled: int = 0
+    channels: set[int] = field(default_factory=set)
+    min_size: tuple[int, int] | None = None
+    max_size: tuple[int, int] | None = None
+
+    def add(self, cls: int | None, image_shape: tuple[int, int, int] | None) -> None:
+        if cls is None:
+            self.unlabelled += 1
+        else:
+            self.histogram[int(cls)] += 1
+        if image_shape is not None:
+            c, h, w = image_shape
+            self.merge(SetStats([0] * len(self.histogram), 0, {c}, (h, w), (h, w)))
+
+    def merge(self, other: "SetStats") -> None:
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
+        self.unlabelled += other.unlabelled
+        self.channels |= other.channels
+        if other.min_size is not None:
+            self.min_size = other.min_size if self.min_size is None else \
+                (min(self.min_size[0], other.min_size[0]), min(self.min_size[1], other.min_size[1]))
+            self.max_size = other.max_size if self.max_size is None else \
+                (max(self.max_size[0], other.max_size[0]), max(self.max_size[1], other.max_size[1]))
+
+    def manifest(self, entries: list[ShardEntry], classes: list[str], image_field: str | None,
+                 meta: dict) -> Manifest:
+        image = None
+        if image_field is not None and self.min_size is not None:
+            if len(self.channels) != 1:
+                raise ValueError(f"images with different channel counts {sorted(self.channels)} in one shard set")
+            image = {"field": image_field, "channels": next(iter(self.channels)),
+                     "size": list(self.min_size) if self.min_size == self.max_size else None,
+                     "min_size": list(self.min_size), "max_size": list(self.max_size)}
+        return Manifest(entries, classes, self.histogram, self.unlabelled, image, meta)
+
+
 class ShardSetWriter:
     """A directory of shards `PREFIX-000000.tar`, ... rolled over by sample count and bytes, then
     `manifest.json`, written last. Samples with `cls` feed the class histogram; pass each image's
-    (channels, height, width) so that the manifest can describe the images."""
+    (channels, height, width) so that the manifest can describe the images. `name(i)` may choose
+    the shard names instead, and `save_manifest=False` leaves the manifest to the caller (for sets
+    written in parts)."""
 
     def __init__(self, directory: str | os.PathLike, *, classes: list[str], prefix: str = "shard",
                  max_samples: int = 1000, max_bytes: int = 256 * 2**20, image_field: str | None = "png",
-                 meta: dict | None = None):
+                 meta: dict | None = None, name: Callable[[int], str] | None = None, save_manifest: bool = True):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(f"{prefix}-*.tar{TMP_SUFFIX}"):
-            stale.unlink()
-        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
+        self.name = name or (lambda i: f"{prefix}-{i:06d}.tar")
+        self.max_samples, self.max_bytes, self.save_manifest = max_samples, max_bytes, save_manifest
         self.classes, self.image_field, self.meta = classes, image_field, meta or {}
-        self.histogram = [0] * len(classes)
-        self.unlabelled = 0
+        self.stats = SetStats([0] * len(classes))
         self.entries: list[ShardEntry] = []
         self._shard: ShardWriter | None = None
-        self._channels: set[int] = set()
-        self._min = self._max = None
 
     def write(self, sample: dict, image_shape: tuple[int, int, int] | None = None) -> None:
         fields = encode_fields(sample)
@@ -132,18 +173,9 @@ class ShardSetWriter:
         if shard is not None and (shard.samples >= self.max_samples or shard.payload + incoming > self.max_bytes):
             self.end_shard()
         if self._shard is None:
-            self._shard = ShardWriter(self.dir / f"{self.prefix}-{len(self.entries):06d}.tar")
+            self._shard = ShardWriter(self.dir / self.name(len(self.entries)))
         self._shard.write_encoded(fields)
-        cls = sample.get("cls")
-        if cls is None:
-            self.unlabelled += 1
-        else:
-            self.histogram[int(cls)] += 1
-        if image_shape is not None:
-            c, h, w = image_shape
-            self._channels.add(c)
-            self._min = (h, w) if self._min is None else (min(self._min[0], h), min(self._min[1], w))
-            self._max = (h, w) if self._max is None else (max(self._max[0], h), max(self._max[1], w))
+        self.stats.add(sample.get("cls"), image_shape)
 
     def end_shard(self) -> None:
         """Complete the current shard now; the next sample starts a new one."""
@@ -153,15 +185,9 @@ class ShardSetWriter:
 
     def close(self) -> Manifest:
         self.end_shard()
-        image = None
-        if self.image_field is not None and self._min is not None:
-            if len(self._channels) != 1:
-                raise ValueError(f"images with different channel counts {sorted(self._channels)} in one shard set")
-            image = {"field": self.image_field, "channels": self._channels.pop(),
-                     "size": list(self._min) if self._min == self._max else None,
-                     "min_size": list(self._min), "max_size": list(self._max)}
-        manifest = Manifest(self.entries, self.classes, self.histogram, self.unlabelled, image, self.meta)
-        manifest.save(self.dir)
+        manifest = self.stats.manifest(self.entries, self.classes, self.image_field, self.meta)
+        if self.save_manifest:
+            manifest.save(self.dir)
         return manifest
 
     def abort(self) -> None:
