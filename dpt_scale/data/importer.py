@@ -1,8 +1,10 @@
 """`dpt-scale data import`: a source -> ROOT/train and ROOT/val shard sets with manifests.
 
-Images are decoded and encoded in worker processes and written in a fixed, shuffled order (so
-that every shard mixes all classes); the keys stay those of the source. An unreadable image is
-reported with its path, skipped, counted in the manifest and listed in SPLIT/unreadable.txt.
+The items are put in a seeded, shuffled order (so that every shard mixes all classes; the keys stay
+those of the source) and cut into groups of `shard_samples`; worker processes decode, encode and
+write one group each as a shard, and the main process merges their statistics into the manifest.
+An unreadable image is reported with its path, skipped, counted in the manifest and listed in
+SPLIT/unreadable.txt.
 """
 from __future__ import annotations
 
