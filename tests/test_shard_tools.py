@@ -97,3 +97,12 @@ def test_every_command_has_help():
         assert result.returncode == 0 and "usage: dpt-scale" in result.stdout
     result = run_cli("shards", "verify")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "required: DIR" in result.stderr
+
+
+def test_quiet_flag_goes_before_or_after_the_command(tmp_path):
+    for args in (["-q", "data", "import", "mnist", "--out", str(tmp_path / "a")],
+                 ["data", "import", "mnist", "--out", str(tmp_path / "b"), "-q"]):
+        result = run_cli(*args)
+        assert result.returncode == 0 and "resolved recipe" not in result.stdout
+    loud = run_cli("data", "import", "mnist", "--out", str(tmp_path / "a"))
+    assert "resolved recipe" in loud.stdout and "already imported" in loud.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def recipe_arguments(parser: argparse.ArgumentParser, required: bool = False) ->
 def resolve_recipe(args: argparse.Namespace, preset: dict | None = None):
     """Load the recipe with flags and overrides applied, and print it."""
     recipe = load_recipe(args.recipe, args.overrides, preset)
-    if not args.quiet:
+    if not getattr(args, "quiet", False):
         print("# resolved recipe\n" + dump_recipe(recipe), flush=True)
     return recipe
 
@@ -55,8 +56,11 @@ def resolve_recipe(args: argparse.Namespace, preset: dict | None = None):
 def build_parser() -> argparse.ArgumentParser:
     from dpt_scale.cli import data, shards  # noqa: F401  (importing registers their commands)
 
-    parser = _Parser(prog="dpt-scale", description="Dual Pseudo Training at scale.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    # -q works before or after the subcommand: every parser knows it, the innermost given wins.
+    quiet = _Parser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="print only warnings and errors")
+    parser = _Parser(prog="dpt-scale", description="Dual Pseudo Training at scale.", parents=[quiet])
     top = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, cmd in COMMANDS.items():
@@ -65,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
             if group not in groups:
                 groups[group] = top.add_parser(group, help=f"{group} commands").add_subparsers(
                     dest="subcommand", required=True, parser_class=_Parser, metavar="SUBCOMMAND")
-            p = groups[group].add_parser(sub, help=cmd.help, description=cmd.help)
+            p = groups[group].add_parser(sub, help=cmd.help, description=cmd.help, parents=[quiet])
         else:
-            p = top.add_parser(name, help=cmd.help, description=cmd.help)
+            p = top.add_parser(name, help=cmd.help, description=cmd.help, parents=[quiet])
         cmd.arguments(p)
         p.set_defaults(run=cmd.run)
     return parser
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler], force=True)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler], force=True)
     try:
         return args.run(args) or 0
     except UserError as exc:
@@ -92,3 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `dpt-scale shards ls DIR | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
