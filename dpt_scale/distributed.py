@@ -1,8 +1,16 @@
-"""Rank and world size, from an initialised process group or the variables launchers set."""
+"""Rank, world size and the process group, from whatever launched this process.
+
+torchrun and the `deepspeed` launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
+a plain `python` run has none of them and becomes a one-process job on a free local port.
+"""
 from __future__ import annotations
 
 import os
+import socket
+import warnings
+from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 
@@ -10,3 +18,34 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 1800) -> tuple[int, int, torch.device]:
+    """Join (or, for a plain `python` run, create) the process group; returns rank, world size and
+    this process's device (its local GPU, else the CPU)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    # torch 2.14 warns on every collective DeepSpeed makes with these (deprecated) names
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*",
+                            category=FutureWarning)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    import deepspeed
+    import deepspeed.ops
+
+    if not cuda:  # else DeepSpeed compiles a shared-memory all-reduce op (~50 s) on first use
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device

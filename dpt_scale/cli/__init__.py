@@ -54,7 +54,7 @@ def resolve_recipe(args: argparse.Namespace, preset: dict | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dpt_scale.cli import data, shards  # noqa: F401  (importing registers their commands)
+    from dpt_scale.cli import data, shards, stages  # noqa: F401  (importing registers their commands)
 
     # -q works before or after the subcommand: every parser knows it, the innermost given wins.
     quiet = _Parser(add_help=False)
@@ -83,8 +83,23 @@ class _Formatter(logging.Formatter):
         return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in ("--local_rank", "--local-rank"):
+            skip = "=" not in arg  # the value may come as the next argument
+            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_drop_local_rank(sys.argv[1:] if argv is None else argv))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     quiet = getattr(args, "quiet", False)

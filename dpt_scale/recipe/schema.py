@@ -7,7 +7,7 @@ from the directory the command runs in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 MiB = 2**20
 
@@ -59,11 +59,65 @@ class Data:
 
 
 @dataclass
+class Train:
+    """One DeepSpeed training run; the diffusion and classifier stages each have one."""
+
+    steps: int = positive(1000)  # optimizer steps
+    micro_batch: int = positive(64)  # samples per rank per forward/backward
+    grad_accum: int | None = field(default=None, metadata={"min": 1})  # default: from global_batch, else 1
+    global_batch: int | None = field(default=None, metadata={"min": 1})  # checked: micro x accum x ranks
+    lr: float = field(default=2e-4, metadata={"min": 0.0})
+    weight_decay: float = field(default=0.03, metadata={"min": 0.0})
+    betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after the warm-up
+    grad_clip: float = field(default=0.0, metadata={"min": 0.0})  # 0: no clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: Literal["none", "cpu"] = "none"  # optimizer state to CPU memory (ZeRO 1-3)
+    ema_decay: float = field(default=0.9999, metadata={"min": 0.0, "max": 1.0})
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a usable EMA
+    checkpoint_every: int = positive(500)
+    keep_checkpoints: int = positive(2)
+    log_every: int = positive(10)
+    sample_every: int = field(default=0, metadata={"min": 0})  # PNG grid of EMA samples; 0: never
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config, merged over ours
+
+
+@dataclass
+class UViTModel:
+    size: Literal["tiny", "S", "M", "L", "H"] = "tiny"
+    patch_size: int = positive(2)
+    attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    conv: bool = True  # 3x3 conv after unpatchify (pixel models); latent models usually go without
+    mlp_time_embed: bool = False
+    qkv_bias: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class Latent:
+    autoencoder: str | None = None  # local diffusers AutoencoderKL directory; none: pixel space
+    scale_factor: float | None = None  # default: the autoencoder's (0.18215 for SD's)
+
+
+@dataclass
+class Diffusion:
+    model: UViTModel = field(default_factory=UViTModel)
+    schedule: Literal["sd_discrete", "linear_vp"] = "linear_vp"
+    label_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # to the null class (CFG)
+    flip: bool = False  # random horizontal flips (not for digits)
+    latent: Latent = field(default_factory=Latent)
+    train: Train = field(default_factory=Train)
+
+
+@dataclass
 class Recipe:
     name: str = "dpt"
     out: str = "runs/dpt"  # every output of the run lives under this directory
     seed: int = 0
     data: Data = field(default_factory=Data)
+    diffusion: Diffusion = field(default_factory=Diffusion)
 
     @property
     def data_root(self) -> str:

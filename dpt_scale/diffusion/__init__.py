@@ -1,0 +1,1 @@
+"""Diffusion: noise schedules, the training loss, the latent autoencoder."""

@@ -1,0 +1,38 @@
+"""Sampling with DPM-Solver++ (multistep, second order; diffusers' scheduler) and classifier-free
+guidance in the usual convention: eps = eps_null + w (eps_class - eps_null); w = 1 is no guidance,
+w = 1.4 is the paper's setting (U-ViT's "scale 0.4")."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def dpm_solver(schedule, steps: int):
+    from diffusers import DPMSolverMultistepScheduler  # imported here: sampling only
+
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=schedule.num_timesteps,
+                                            trained_betas=schedule.betas.numpy(), algorithm_type="dpmsolver++",
+                                            solver_order=2, prediction_type="epsilon", lower_order_final=True)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample(model: nn.Module, schedule, labels: torch.Tensor, shape: tuple[int, ...], steps: int = 25,
+           guidance: float = 1.0, null_class: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Samples in the model's space (pixels in [-1, 1], or scaled latents), one per label."""
+    device = labels.device
+    dtype = next(model.parameters()).dtype
+    scheduler = dpm_solver(schedule, steps)
+    x = (noise if noise is not None else torch.randn(len(labels), *shape, device=device)) * scheduler.init_noise_sigma
+    null = torch.full_like(labels, null_class if null_class is not None else -1)
+    for index in scheduler.timesteps:
+        t = torch.full((len(labels),), schedule.index_model_time(int(index)), device=device)
+        if guidance == 1.0:
+            eps = model(x.to(dtype), t, labels).float()
+        else:
+            both = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), torch.cat([labels, null])).float()
+            eps_class, eps_null = both.chunk(2)
+            eps = eps_null + guidance * (eps_class - eps_null)
+        x = scheduler.step(eps, index, x).prev_sample
+    return x

@@ -1,0 +1,42 @@
+"""Export a checkpoint as one file a plain model loads, no DeepSpeed or process group needed:
+{"model": float32 weights, "ema": EMA weights, "step": ..., **extra} (extra: e.g. the model config).
+
+The float32 weights come from DeepSpeed's own conversion of the ZeRO partitions
+(zero_to_fp32); the EMA from joining the ranks' EMA chunks."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dpt_scale.engine.checkpoint import COMPLETE, tag_of
+from dpt_scale.engine.ema import join_shards
+from dpt_scale.errors import UserError
+
+
+def export_weights(root: str | Path, step: int, out: str | Path, extra: dict | None = None) -> Path:
+    root, out = Path(root), Path(out)
+    tag_dir = root / tag_of(step)
+    if not (tag_dir / COMPLETE).is_file():
+        raise UserError(f"{tag_dir} is not a complete checkpoint")
+    meta = json.loads((tag_dir / COMPLETE).read_text())
+    if meta["zero_stage"] == 0:  # zero_to_fp32 handles ZeRO 1-3; stage 0 keeps whole weights in one file
+        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        model = {k: v.float() for k, v in module.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatty
+            model = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag_of(step))
+    ranks = [torch.load(tag_dir / f"dpt_rank{r:05d}.pt", map_location="cpu", weights_only=False)
+             for r in range(meta["world_size"])]
+    payload = {"model": model, "ema": join_shards([r["ema"] for r in ranks]), "step": step, **(extra or {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
+    return out
