@@ -76,9 +76,11 @@ def test_random_transforms_repeat_on_resume(uneven_set):
     resumed = [b["image"] for b in loader.epoch(0, offset=8)]
     assert all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
     assert not torch.equal(full[0], full[1])
-    state = torch.get_rng_state()
-    list(loader.epoch(0))  # in-process loading leaves the caller's RNG alone
-    assert torch.equal(state, torch.get_rng_state())
+    for workers in (0, 2):  # loading, in-process or with workers, leaves the caller's RNG alone
+        state = torch.get_rng_state()
+        list(ShardLoader(uneven_set, batch_size=4, seed=1, streams=2, transform=noisy, world_size=1, rank=0,
+                         workers=workers).epoch(0))
+        assert torch.equal(state, torch.get_rng_state())
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -215,3 +217,19 @@ def test_rgb_batches_come_channels_last_with_exact_pixels(tmp_path, workers):
         assert batch["image"].is_contiguous(memory_format=torch.channels_last)
         for key, image in zip(batch["key"], batch["image"]):
             assert torch.equal(image, decode_image(png(int(key[1:]), size=6, channels=3), 3))
+
+
+def test_a_slow_consumer_always_sees_each_batch_as_decoded(uneven_set):
+    """Workers run ahead into recycled buffers while the consumer is busy: a buffer must never be
+    rewritten between leaving a worker and being dropped by the consumer."""
+    import time
+
+    from dpt_scale.shards.decode import decode_image
+    from dpt_scale.shards.tar import iter_samples
+
+    by_key = {s["__key__"]: decode_image(s["png"], 1) for e in Manifest.load(uneven_set).shards
+              for s in iter_samples(uneven_set / e.name)}
+    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, streams=2, workers=2)
+    for batch in islice(loader.batches(0), 40):
+        time.sleep(0.02)  # the workers fill their next buffers meanwhile
+        assert all(torch.equal(image, by_key[k]) for k, image in zip(batch["key"], batch["image"]))

@@ -1,5 +1,6 @@
 """Export a checkpoint as one file a plain model loads, no DeepSpeed or process group needed:
-{"model": float32 weights, "ema": EMA weights, "step": ..., **extra} (extra: e.g. the model config).
+{"weights": float32 weights, "ema": EMA weights, "step": ..., **extra} (extra: e.g. "settings", the
+model's constructor arguments).
 
 The float32 weights come from DeepSpeed's own conversion of the ZeRO partitions
 (zero_to_fp32); the EMA from joining the ranks' EMA chunks."""
@@ -34,7 +35,11 @@ def export_weights(root: str | Path, step: int, out: str | Path, extra: dict | N
             model = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag_of(step))
     ranks = [torch.load(tag_dir / f"dpt_rank{r:05d}.pt", map_location="cpu", weights_only=False)
              for r in range(meta["world_size"])]
-    payload = {"model": model, "ema": join_shards([r["ema"] for r in ranks]), "step": step, **(extra or {})}
+    payload = {"weights": model, "ema": join_shards([r["ema"] for r in ranks]), "step": step}
+    clash = set(payload) & set(extra or {})
+    if clash:
+        raise ValueError(f"export: extra keys {sorted(clash)} would overwrite the weights")
+    payload.update(extra or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(payload, tmp)

@@ -28,7 +28,10 @@ class BatchPool:
         if shared:
             self.free.share_memory_()
         self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat uint8 buffer
-        self._held: dict[tuple[int, int], torch.UntypedStorage] = {}  # main side
+        # main side: every buffer received, kept mapped; and the slots received and not yet handed
+        # back (once handed back, a slot may already hold the next batch, still on its way here)
+        self._mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
+        self._outstanding: set[tuple[int, int]] = set()
 
     # ---- worker side
 
@@ -58,16 +61,18 @@ class BatchPool:
         if tensor.is_pinned():  # DataLoader's pin_memory thread copied it out and let the buffer go
             self.free[worker, slot] = 1
         else:
-            self._held[worker, slot] = tensor.untyped_storage()
+            self._mapped[worker, slot] = tensor.untyped_storage()
+            self._outstanding.add((worker, slot))
 
     def hand_back(self) -> None:
         """Free every received buffer that nobody but the pool refers to."""
         idle = 1 if self.shared else 2  # in-process, the pool's own buffer tensor is a second owner
-        for (worker, slot), storage in self._held.items():
+        for key in list(self._outstanding):
             # Private API, but torch is pinned exactly: the count of owners of the memory itself,
             # which a weakref on the tensor cannot give (tensor.numpy() outlives the tensor).
-            if not self.free[worker, slot] and torch._C._storage_Use_Count(storage._cdata) == idle:
-                self.free[worker, slot] = 1
+            if torch._C._storage_Use_Count(self._mapped[key]._cdata) == idle:
+                self.free[key] = 1
+                self._outstanding.discard(key)
 
 
 def _shaped(buffer: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

@@ -89,8 +89,11 @@ class ShardLoader:
                             f"and at most {self.batch_size * self.batches_per_epoch} (one epoch)")
         pool = BatchPool(self.workers, shared=self.workers > 0)
         stream = _Stream(self, epoch, offset // self.batch_size, pool)
+        # A private generator: DataLoader would otherwise draw its worker seed from the caller's
+        # global RNG, shifting the caller's random numbers (a resumed run would draw differently).
         source = iter(stream) if self.workers == 0 else iter(DataLoader(
-            stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory))
+            stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed)))
         current, lost = epoch, 0
         try:
             for batch in source:

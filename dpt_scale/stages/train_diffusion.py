@@ -2,7 +2,7 @@
 
 Pixel space: images scaled to [-1, 1], labels from the shards' `cls`. Outputs in OUT/diffusion:
 checkpoints/, metrics.jsonl, samples/ (PNG grids of EMA samples, one row per class) and
-weights.pt (float32 and EMA weights with the model's settings).
+weights.pt ({"weights", "ema", "settings", ...}: a plain `build_uvit(**settings)` loads either).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def train_diffusion(recipe: Recipe) -> Path:
         dist.barrier()
 
     trainer = Trainer(cfg.train, out, model_fn=lambda: build_uvit(**settings), loss_fn=loss_fn, seed=recipe.seed,
-                      export_extra={"model": settings, "schedule": cfg.schedule, "classes": manifest.classes},
+                      export_extra={"settings": settings, "schedule": cfg.schedule, "classes": manifest.classes},
                       hooks=[sample_grid])
     if trainer.rank == 0:
         save_recipe(recipe, out / "recipe.yaml")
