@@ -11,7 +11,7 @@ def dpm_solver(schedule, steps: int):
     from diffusers import DPMSolverMultistepScheduler  # imported here: sampling only
 
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=schedule.num_timesteps,
-                                            trained_betas=schedule.betas.numpy(), algorithm_type="dpmsolver++",
+                                            trained_betas=schedule.betas.tolist(), algorithm_type="dpmsolver++",
                                             solver_order=2, prediction_type="epsilon", lower_order_final=True)
     scheduler.set_timesteps(steps)
     return scheduler

@@ -41,15 +41,17 @@ class LinearVP:
     beta_0, beta_1, eps = 0.1, 20.0, 1e-3
 
     def __init__(self):
-        # The discrete chain the continuous schedule is the limit of (DDPM's linear betas); index i is t = (i + 1) / 1000.
-        self.betas = torch.linspace(self.beta_0 / 1000, self.beta_1 / 1000, self.num_timesteps, dtype=torch.float64)
+        # Discrete betas for samplers: the chain whose cumulative alphas equal this schedule's exactly
+        # at t = (i + 1) / 1000 (close to DDPM's linear 1e-4..0.02, which only approximates it).
+        t = torch.arange(1, self.num_timesteps + 1, dtype=torch.float64) / self.num_timesteps
+        abar = self.alpha_sigma(t)[0].double() ** 2
+        self.betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
 
     def sample_t(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         return self.eps + (1 - self.eps) * torch.rand(batch, device=device)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = t.double()
-        log_alpha = -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        log_alpha = -0.25 * t.double() ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t.double() * self.beta_0
         return log_alpha.exp().float(), (-torch.expm1(2 * log_alpha)).sqrt().float()
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
