@@ -51,23 +51,13 @@ def _subset_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("data subset", "choose the labelled images: K per class, or from a list of names", _subset_arguments)
 def data_subset(args: argparse.Namespace) -> None:
-    from dpt_scale.data.subset import per_class_subset, read_labels, read_list, subset_from_list, write_subset
-    from dpt_scale.shards.manifest import Manifest
+    from dpt_scale.data.subset import make_subset, subset_path
 
     flags = {"data.labelled.per_class": (args.per_class, "--per-class"),
              "data.labelled.seed": (args.seed, "--seed"), "data.labelled.list": (args.from_list, "--from-list")}
     recipe = resolve_recipe(args, {k: v for k, v in flags.items() if v[0] is not None})
-    cfg = recipe.data.labelled
     shards = Path(args.shards or Path(recipe.data_root) / "train")
-    out = Path(args.out or Path(recipe.out) / "labelled.txt")
-    manifest = Manifest.load(shards)
-    labels = read_labels(shards)
-    if cfg.list:
-        keys = subset_from_list(labels, read_list(cfg.list))
-        how = f"from the list {cfg.list}"
-    else:
-        keys = per_class_subset(labels, manifest.classes, cfg.per_class, cfg.seed)
-        how = f"{cfg.per_class} per class, seed {cfg.seed}"
-    write_subset(out, keys, labels, [f"dpt_scale labelled subset of {shards}: {len(keys)} keys, {how}"])
+    out = Path(args.out or subset_path(recipe))
+    keys, how = make_subset(recipe, shards, out)
     save_recipe(recipe, out.with_suffix(".recipe.yaml"))
     print(f"{out}: {len(keys)} labelled keys ({how})")

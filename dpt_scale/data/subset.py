@@ -90,7 +90,25 @@ def read_list(path: str | Path) -> list[str]:
 def write_subset(path: str | Path, keys: list[str], labels: dict[str, int], header: list[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write the same subset at once
     ordered = sorted(keys, key=lambda k: (labels[k], k))
     tmp.write_text("".join(f"# {line}\n" for line in header) + "".join(f"{k}\n" for k in ordered))
     os.replace(tmp, path)
+
+
+def subset_path(recipe) -> Path:
+    return Path(recipe.out) / "labelled.txt"
+
+
+def make_subset(recipe, shards: str | Path, out: str | Path) -> tuple[list[str], str]:
+    """Draw the recipe's labelled subset (data.labelled) from a shard set and write it to `out`."""
+    cfg = recipe.data.labelled
+    manifest = Manifest.load(shards)
+    labels = read_labels(shards)
+    if cfg.list:
+        keys, how = subset_from_list(labels, read_list(cfg.list)), f"from the list {cfg.list}"
+    else:
+        keys = per_class_subset(labels, manifest.classes, cfg.per_class, cfg.seed)
+        how = f"{cfg.per_class} per class, seed {cfg.seed}"
+    write_subset(out, keys, labels, [f"dpt_scale labelled subset of {shards}: {len(keys)} keys, {how}"])
+    return keys, how

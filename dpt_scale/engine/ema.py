@@ -17,7 +17,9 @@ from torch import nn
 class ShardedEMA:
     def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup = decay, warmup
-        self.params = dict(module.named_parameters())
+        # Trainable parameters only: frozen ones (a linear probe's backbone) equal their own average,
+        # and re-averaging them would only add rounding error and memory.
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
         self.shapes = {n: tuple(p.ds_shape) if hasattr(p, "ds_tensor") else tuple(p.shape) for n, p in self.params.items()}
         self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params.items()}

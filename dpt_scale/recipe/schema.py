@@ -112,11 +112,80 @@ class Diffusion:
 
 
 @dataclass
+class ClassifierModel:
+    """Any timm model by name (`timm.list_models()`)."""
+
+    name: str = "resnet10t"
+    pretrained: str | None = None  # a local timm weights file; nothing is downloaded
+    input_size: int | None = field(default=None, metadata={"min": 1})  # resize images to this first
+    # Pixel normalisation, per channel: default the pretrained weights' own, else 0.5 / 0.5.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class Augment:
+    """Weak view: random translation (+ flips); strong view (FixMatch): weak + RandAugment + cutout."""
+
+    flip: bool = False  # horizontal flips (not for digits)
+    translate: float = field(default=0.125, metadata={"min": 0.0, "max": 0.5})  # of the image side
+    randaugment: str = "rand-m10-n2-mstd0.5"  # timm's RandAugment config string
+    cutout: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # square side, fraction of the image
+
+
+@dataclass
+class FixMatch:
+    threshold: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})  # confidence for a pseudo target
+    unlabelled_ratio: int = positive(7)  # unlabelled images per labelled image in a batch (mu)
+    unlabelled_weight: float = field(default=1.0, metadata={"min": 0.0})  # lambda_u
+
+
+@dataclass
+class LinearProbe:
+    l2: float = field(default=1e-4, metadata={"min": 0.0})  # penalty 0.5 * l2 * |W|^2 on the linear layer
+
+
+@dataclass
+class PseudoLabel:
+    batch: int = positive(256)
+    workers: int = field(default=2, metadata={"min": 0})  # decoding processes per rank
+    # Which pseudo-labels stage 2 may use: confidence at least `threshold`, and/or the
+    # `top_per_class` most confident of each class (0: all).
+    threshold: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    top_per_class: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class Retrain:
+    """Stage 4: the stage-1 method again, its labelled part joined by pseudo-image shard sets."""
+
+    pseudo: list[str] = field(default_factory=list)  # shard sets of pseudo images; default [<out>/samples]
+    # Share of each labelled micro-batch that comes from each pseudo set (the rest: real labelled images).
+    pseudo_fraction: list[float] = field(default_factory=lambda: [0.5])
+    train: Train | None = None  # default: the stage-1 settings
+
+
+@dataclass
+class Classifier:
+    method: Literal["fixmatch", "supervised", "linear_probe"] = "fixmatch"
+    model: ClassifierModel = field(default_factory=ClassifierModel)
+    augment: Augment = field(default_factory=Augment)
+    fixmatch: FixMatch = field(default_factory=FixMatch)
+    linear_probe: LinearProbe = field(default_factory=LinearProbe)
+    # micro_batch counts labelled images (real + pseudo); fixmatch adds unlabelled_ratio x as many unlabelled.
+    train: Train = field(default_factory=lambda: Train(micro_batch=16, lr=2e-3, weight_decay=0.05,
+                                                       betas=[0.9, 0.999], ema_decay=0.999))
+    pseudo_label: PseudoLabel = field(default_factory=PseudoLabel)
+    retrain: Retrain = field(default_factory=Retrain)
+
+
+@dataclass
 class Recipe:
     name: str = "dpt"
     out: str = "runs/dpt"  # every output of the run lives under this directory
     seed: int = 0
     data: Data = field(default_factory=Data)
+    classifier: Classifier = field(default_factory=Classifier)
     diffusion: Diffusion = field(default_factory=Diffusion)
 
     @property

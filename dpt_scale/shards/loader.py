@@ -5,6 +5,7 @@
         batch["image"]   # uint8 (B, C, H, W), or whatever `transform` returns, stacked; RGB
                          # batches come in channels_last memory format (.contiguous() for NCHW)
         batch["cls"]     # int64 (B,), -1 where a sample has no label
+                         # (with `labels=`: the mapping's label, and the shards' own are never read)
         batch["key"]     # list of sample keys
         batch["epoch"], batch["index"]  # where this batch sits: resume after it at
                                         # (epoch, (index + 1) * batch_size)
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from itertools import chain, count, cycle, islice, repeat
 from pathlib import Path
@@ -51,7 +52,7 @@ class ShardLoader:
                  drop_last: bool = True, transform: Callable | None = None, workers: int = 0,
                  streams: int = 1, shuffle_buffer: int = 4096, on_corrupt: str = "error",
                  rank: int | None = None, world_size: int | None = None, with_json: bool = False,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, labels: Mapping[str, int] | None = None):
         if on_corrupt not in POLICIES:
             raise UserError(f"on_corrupt must be one of {POLICIES}, got {on_corrupt!r}")
         self.dir = Path(directory)
@@ -66,7 +67,11 @@ class ShardLoader:
         self.shuffle_buffer, self.on_corrupt, self.pin_memory = shuffle_buffer, on_corrupt, pin_memory
         self.image_field = self.manifest.image["field"]
         self.channels = self.manifest.image["channels"]
-        self.fields = frozenset({self.image_field, "cls"} | ({"json"} if with_json else set()))
+        # `labels` replaces the shards' `cls` (pseudo-labels, or none at all for unlabelled data);
+        # the `cls` members are then not even read, so hidden labels cannot leak into training.
+        self.labels = labels
+        self.fields = frozenset({self.image_field} | ({"cls"} if labels is None else set())
+                                | ({"json"} if with_json else set()))
         self.lost = 0
         self.batches_per_epoch = self.plan(0).num_batches  # fails now if the set is too small
         if workers and streams % workers:
@@ -210,7 +215,10 @@ class _Stream(IterableDataset):
         key, field = sample["__key__"], self.ld.image_field
         try:
             image = decode_image(sample[field], self.ld.channels)
-            label = int(sample["cls"]) if "cls" in sample else -1
+            if self.ld.labels is not None:
+                label = self.ld.labels.get(key, -1)
+            else:
+                label = int(sample["cls"]) if "cls" in sample else -1
         except (KeyError, ValueError) as exc:
             problem = (f"sample '{key}' has no .{field} member" if isinstance(exc, KeyError) else
                        f"member '{key}.{field}' does not decode ({exc})" if isinstance(exc, ImageDecodeError) else

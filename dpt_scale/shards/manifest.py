@@ -50,6 +50,15 @@ class Manifest:
         i = min(sample // self.index_every, len(offsets) - 1)
         return i * self.index_every, offsets[i]
 
+    def square_size(self, directory: str | os.PathLike, purpose: str) -> int:
+        """The side of the set's images, which must all be square and of one size for `purpose`."""
+        size = self.image and self.image["size"]
+        if not size or size[0] != size[1]:
+            found = size or (self.image and [self.image["min_size"], self.image["max_size"]])
+            raise ShardError(f"{purpose} needs square images of one size; {directory} holds {found} "
+                             "(import with --image-size)")
+        return size[0]
+
     @property
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)

@@ -27,15 +27,10 @@ GRID_STEPS = 25
 
 def model_settings(recipe: Recipe, manifest: Manifest) -> dict:
     cfg = recipe.diffusion.model
-    image = manifest.image
-    if image is None or image["size"] is None or image["size"][0] != image["size"][1]:
-        raise UserError(f"diffusion training needs square images of one size; {manifest.meta.get('source')} shards "
-                        f"have {image and (image['size'] or [image['min_size'], image['max_size']])} "
-                        "(import with --image-size)")
-    size = image["size"][0]
+    size = manifest.square_size(Path(recipe.data_root) / "train", "diffusion training")
     if size % cfg.patch_size:
         raise UserError(f"image size {size} is not a multiple of diffusion.model.patch_size {cfg.patch_size}")
-    return dict(size=cfg.size, img_size=size, patch_size=cfg.patch_size, in_chans=image["channels"],
+    return dict(size=cfg.size, img_size=size, patch_size=cfg.patch_size, in_chans=manifest.image["channels"],
                 num_classes=manifest.num_classes, conv=cfg.conv, mlp_time_embed=cfg.mlp_time_embed,
                 qkv_bias=cfg.qkv_bias, attention=cfg.attention, grad_checkpointing=cfg.grad_checkpointing)
 

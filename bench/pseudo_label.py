@@ -1,0 +1,91 @@
+"""Pseudo-labelling throughput against the model alone, in one run.
+
+    python bench/pseudo_label.py --shards runs/mnist-cpu/data/train --model resnet10t
+    python bench/pseudo_label.py --shards SHARDS --model vit_base_patch16_224 --gpu   # on a GPU machine
+
+(a) the pseudo-label path: `map_shards` over whole shards (background decoding workers) with
+    the classifier's softmax, as `dpt-scale pseudo-label` runs it, minus writing the small sidecars;
+(b) the model alone: the same images, decoded into memory beforehand, the same batches, the same
+    forward pass.
+Goal: (a) / (b) >= 0.9. The two alternate for `--repeats` rounds; figures are medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
+
+from dpt_scale.classification.inference import map_shards  # noqa: E402
+from dpt_scale.models.classifier import ImageClassifier  # noqa: E402
+from dpt_scale.shards.manifest import Manifest  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", required=True)
+    p.add_argument("--model", default="resnet10t")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=None, help="resize inside the model (e.g. 224 for a ViT-B)")
+    p.add_argument("--gpu", action="store_true", help="CUDA, bf16")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    manifest = Manifest.load(args.shards)
+    size, channels = manifest.image["size"][0], manifest.image["channels"]
+    model = ImageClassifier(args.model, manifest.num_classes, channels, size, [0.5] * channels, [0.5] * channels,
+                            input_size=args.input_size).to(device, dtype).eval()
+    shards = list(range(len(manifest.shards)))
+    fn = lambda x: model(x).float().softmax(1)  # noqa: E731
+
+    # The same batches the pseudo-label path forms (whole shards, cut into `batch`), decoded once.
+    batches = [b for part in map_shards(lambda x: x, args.shards, shards, args.batch, torch.device("cpu"), 0)
+               for b in part.outputs.split(args.batch)]
+    images = sum(len(b) for b in batches)
+
+    def pipeline() -> float:
+        start = time.perf_counter()
+        for _ in map_shards(fn, args.shards, shards, args.batch, device, args.workers):
+            pass
+        sync()
+        return images / (time.perf_counter() - start)
+
+    @torch.no_grad()
+    def model_only() -> float:
+        start = time.perf_counter()
+        for b in batches:
+            fn(b.to(device, non_blocking=True)).cpu()
+        sync()
+        return images / (time.perf_counter() - start)
+
+    def sync():
+        if args.gpu:
+            torch.cuda.synchronize()
+
+    model_only()  # warm-up (allocator, kernels)
+    runs = {"pipeline": [], "model_only": []}
+    for _ in range(args.repeats):
+        runs["pipeline"].append(pipeline())
+        runs["model_only"].append(model_only())
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    print(json.dumps({"machine": machine(), "model": args.model, "images": images, "batch": args.batch,
+                      "workers": args.workers, "image": [channels, size, size], "dtype": str(dtype),
+                      "images_per_s": {k: round(v, 1) for k, v in medians.items()},
+                      "ratio": round(medians["pipeline"] / medians["model_only"], 3),
+                      "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""`dpt-scale train-classifier RECIPE` (stage 1) and `dpt-scale retrain RECIPE` (stage 4).
+
+Stage 1 trains `classifier.method` on the labelled subset (<out>/labelled.txt, drawn from the recipe
+when missing) and, for fixmatch, on every training image without its label. Stage 4 trains the
+same method again from scratch, with each labelled micro-batch shared between real labelled images
+and the pseudo-image shard sets (`classifier.retrain.pseudo_fraction`). Both end by scoring the
+EMA weights on the validation shards.
+
+Outputs in <out>/classifier (stage 1) or <out>/retrain (stage 4): checkpoints/, metrics.jsonl,
+weights.pt (loads with `dpt_scale.models.load_classifier`), eval.json, confusion.png, recipe.yaml.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dpt_scale.classification import METHODS
+from dpt_scale.classification.evaluate import evaluate_classifier, save_confusion_png
+from dpt_scale.classification.mixture import BankSource, Mixture, ShardSource
+from dpt_scale.data.augment import weak, weak_and_strong
+from dpt_scale.data.labelled import LabelledBank
+from dpt_scale.data.subset import make_subset, subset_path
+from dpt_scale.errors import UserError
+from dpt_scale.models.classifier import ImageClassifier, load_classifier, normalisation
+from dpt_scale.recipe import Recipe, save_recipe
+from dpt_scale.shards.loader import ShardLoader
+from dpt_scale.shards.manifest import Manifest
+
+log = logging.getLogger(__name__)
+STAGE_DIRS = {"stage1": "classifier", "retrain": "retrain"}
+
+
+def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
+    from dpt_scale.engine.trainer import Trainer
+
+    cfg, out = recipe.classifier, Path(recipe.out) / STAGE_DIRS[stage]
+    method = METHODS[cfg.method](cfg)
+    train_cfg = (cfg.retrain.train or cfg.train) if stage == "retrain" else cfg.train
+    train_dir = Path(recipe.data_root) / "train"
+    manifest = Manifest.load(train_dir)
+    size = manifest.square_size(train_dir, "classifier training")
+    channels = manifest.image["channels"]
+    subset = subset_path(recipe)
+    if not subset.is_file():  # every rank draws the same keys; the file is replaced atomically
+        make_subset(recipe, train_dir, subset)
+    bank = LabelledBank.from_subset(train_dir, subset)
+    log.info(f"labelled subset {subset}: {len(bank)} images")
+    if not recipe.data.labelled.list and len(bank) != recipe.data.labelled.per_class * manifest.num_classes:
+        log.warning(f"{subset} holds {len(bank)} keys, not data.labelled.per_class x {manifest.num_classes} "
+                    "classes: it was drawn with other settings (delete it to draw again)")
+    pseudo = _pseudo_sets(recipe, manifest, size) if stage == "retrain" else []
+
+    mean, std = normalisation(cfg.model.name, cfg.model.pretrained, channels, cfg.model.mean, cfg.model.std)
+    settings = dict(name=cfg.model.name, num_classes=manifest.num_classes, in_chans=channels, img_size=size,
+                    mean=mean, std=std, frozen_backbone=method.frozen_backbone, input_size=cfg.model.input_size)
+    build = lambda: ImageClassifier(**settings, pretrained=cfg.model.pretrained)  # noqa: E731
+    if method.frozen_backbone:  # linear probe: from here on, features stand in for images
+        bank, pseudo = _features(recipe, build, bank, pseudo, out)
+        feature_mean = bank.images.mean(0)  # centring, from the labelled features
+
+        def model_fn():
+            model = build()
+            model.feature_mean.copy_(feature_mean)
+            return model
+    else:
+        model_fn = build
+    trainer = Trainer(train_cfg, out, model_fn=model_fn, loss_fn=method.loss, seed=recipe.seed,
+                      export_extra={"kind": "classifier", "settings": settings, "classes": manifest.classes,
+                                    "method": cfg.method, "stage": stage})
+    if trainer.rank == 0:
+        save_recipe(recipe, out / "recipe.yaml")
+    mixture = _mixture(recipe, train_cfg.micro_batch, method, bank, pseudo, trainer.rank, trainer.world, size,
+                       channels, train_dir)
+    weights = trainer.fit(mixture)
+    report = evaluate(recipe, weights, out, trainer.device, title=f"{stage} ({cfg.method})")
+    if report and trainer.rank == 0 and stage == "retrain":
+        first = out.parent / STAGE_DIRS["stage1"] / "eval.json"
+        if first.is_file():
+            report["stage1_top1"] = json.loads(first.read_text())["top1"]
+            (out / "eval.json").write_text(json.dumps(report, indent=1))
+            log.info(f"top-1: stage 4 {report['top1']:.4f}, stage 1 {report['stage1_top1']:.4f}")
+    return weights
+
+
+def evaluate(recipe: Recipe, weights: Path, out: Path, device, title: str) -> dict | None:
+    """Top-1/top-5/per-class/confusion of the EMA weights on the validation shards, if there are any."""
+    val = Path(recipe.data_root) / "val"
+    if not (val / "manifest.json").is_file():
+        log.warning(f"no validation shards at {val}: skipping evaluation")
+        return None
+    model = load_classifier(weights, device=device)
+    report = evaluate_classifier(model, val, recipe.classifier.pseudo_label.batch, device,
+                                 recipe.classifier.pseudo_label.workers)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        save_confusion_png(report["confusion"], Manifest.load(val).classes, out / "confusion.png",
+                           f"{recipe.name} {title}: top-1 {report['top1']:.3f}")
+        log.info(f"{title}: top-1 {report['top1']:.4f}, top-5 {report['top5']:.4f} on {report['samples']} "
+                 f"validation images")
+    return report
+
+
+def _features(recipe: Recipe, build, bank: LabelledBank, pseudo: list, out: Path) -> tuple[LabelledBank, list]:
+    """Backbone features of the labelled images and of each pseudo set (stored under out/features)."""
+    from dpt_scale.classification.features import labelled_features, shard_set_features
+    from dpt_scale.distributed import init_distributed
+
+    _, _, device = init_distributed()
+    model = build().to(device).eval()
+    cfg = recipe.classifier
+    backbone = f"{cfg.model.name}:{cfg.model.pretrained}:{cfg.model.input_size}"
+    bank = labelled_features(model, bank, out / "features" / "labelled", cfg.pseudo_label.batch, backbone)
+    pseudo = [(shard_set_features(model, path, out / "features" / f"pseudo{k}", cfg.pseudo_label.batch,
+                                  cfg.pseudo_label.workers, backbone), fraction)
+              for k, (path, fraction) in enumerate(pseudo)]
+    return bank, pseudo
+
+
+def _pseudo_sets(recipe: Recipe, manifest: Manifest, size: int) -> list[tuple[Path, float]]:
+    cfg = recipe.classifier.retrain
+    paths = [Path(p) for p in cfg.pseudo] or [Path(recipe.out) / "samples"]
+    if len(cfg.pseudo_fraction) != len(paths):
+        raise UserError(f"classifier.retrain.pseudo_fraction has {len(cfg.pseudo_fraction)} value(s) for "
+                        f"{len(paths)} pseudo shard set(s); give one per set")
+    if sum(cfg.pseudo_fraction) > 1:
+        raise UserError(f"classifier.retrain.pseudo_fraction {cfg.pseudo_fraction} adds up to more than 1")
+    for path in paths:
+        other = Manifest.load(path)
+        if other.classes != manifest.classes:
+            raise UserError(f"{path}: its classes differ from the training set's; pseudo images must be "
+                            "generated for the same classes")
+        if other.square_size(path, "retraining") != size or other.image["channels"] != manifest.image["channels"]:
+            raise UserError(f"{path}: images are {other.image['channels']}x{other.image['size']}, the training "
+                            f"set's {manifest.image['channels']}x{manifest.image['size']}")
+    return list(zip(paths, cfg.pseudo_fraction))
+
+
+def _mixture(recipe: Recipe, micro: int, method, bank: LabelledBank, pseudo: list[tuple], rank: int,
+             world: int, size: int, channels: int, train_dir: Path) -> Mixture:
+    """Each step: `micro` labelled images (real ones from the bank, the rest from the pseudo sets
+    in the recipe's proportions), plus unlabelled_ratio x micro unlabelled images for fixmatch."""
+    cfg, ld = recipe.classifier, recipe.data.loader
+    counts = [round(micro * fraction) for _, fraction in pseudo]
+    real = micro - sum(counts)
+    weak_view = None if method.frozen_backbone else weak(cfg.augment, size)  # features: no augmentation
+
+    def shards(path: Path, batch: int, seed: int, transform, labels=None) -> ShardSource:
+        return ShardSource(ShardLoader(path, batch, seed=seed, transform=transform, workers=ld.workers,
+                                       streams=ld.streams, shuffle_buffer=ld.shuffle_buffer,
+                                       on_corrupt=ld.on_corrupt, labels=labels))
+
+    sources = {}
+    if real:
+        sources["labelled"] = BankSource(bank, real, rank, world, recipe.seed, weak_view)
+    for k, ((source, _), count) in enumerate(zip(pseudo, counts)):
+        if count and isinstance(source, LabelledBank):  # linear probe: pseudo-image features in memory
+            sources[f"pseudo{k}"] = BankSource(source, count, rank, world, recipe.seed + 1 + k)
+        elif count:
+            sources[f"pseudo{k}"] = shards(source, count, recipe.seed + 1 + k, weak_view)
+    if method.uses_unlabelled:
+        # labels={}: the shards' own labels are not even read (the hidden-label guarantee).
+        sources["unlabelled"] = shards(train_dir, micro * cfg.fixmatch.unlabelled_ratio, recipe.seed,
+                                       weak_and_strong(cfg.augment, size, channels), labels={})
+        per_epoch = len(sources["unlabelled"].loader)
+    else:
+        per_epoch = max(1, len(bank) // (max(real, 1) * world))
+    return Mixture(sources, micro, per_epoch)
