@@ -227,6 +227,11 @@ def test_linear_probe_on_a_local_backbone_file(tmp_path):
     assert kept and all(torch.equal(model.net.state_dict()[k], v) for k, v in kept.items())
     assert model.feature_mean.abs().sum() > 0
     assert json.loads((out / "eval.json").read_text())["samples"] == 60
+    # Stage 4: the pseudo images' features are extracted the same way, then the probe is retrained.
+    pseudo_set(tmp_path / "gen", 30, "G")
+    cli("retrain", path, "--set", f"classifier.retrain.pseudo=[{tmp_path}/gen]")
+    assert Manifest.load(tmp_path / "run" / "retrain" / "features" / "pseudo0").num_samples == 30
+    assert "stage1_top1" in json.loads((tmp_path / "run" / "retrain" / "eval.json").read_text())
 
 
 def test_missing_backbone_and_empty_subset_are_one_line_errors(tmp_path):

@@ -1,7 +1,14 @@
-"""The pipeline stages as commands: `dpt-scale STAGE RECIPE [--set KEY=VALUE ...]`."""
+"""The pipeline stages as commands: `dpt-scale STAGE RECIPE [--set KEY=VALUE ...]`.
+
+Each runs under any launcher (python, torchrun, deepspeed); every rank resolves the recipe, rank 0
+prints it and, at the end, the stage's result (an output path, or metrics as JSON).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+from pathlib import Path
 
 from dpt_scale.cli import command, recipe_arguments, resolve_recipe
 from dpt_scale.distributed import rank_and_world
@@ -11,62 +18,27 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
     recipe_arguments(p, required=True)
 
 
-def _quiet_unless_rank0(args: argparse.Namespace) -> None:
-    if rank_and_world()[0] != 0:  # every rank resolves the recipe; one prints it
-        args.quiet = True
+def _stage(name: str, help: str, target: str, *extra) -> None:
+    """Register `dpt-scale NAME RECIPE` running `module:function(recipe, *extra)`; the module is
+    imported only when the command runs (torch and DeepSpeed are slow to import)."""
+    def run(args: argparse.Namespace) -> None:
+        if rank_and_world()[0] != 0:  # every rank resolves the recipe; one prints it
+            args.quiet = True
+        module, function = target.split(":")
+        result = getattr(importlib.import_module(module), function)(resolve_recipe(args), *extra)
+        if rank_and_world()[0] == 0:
+            print(result if isinstance(result, (str, Path)) else json.dumps(result))
+
+    command(name, help, _stage_arguments)(run)
 
 
-@command("train-diffusion", "train the class-conditional U-ViT (any launcher: python, torchrun, deepspeed)",
-         _stage_arguments)
-def train_diffusion(args: argparse.Namespace) -> None:
-    from dpt_scale.stages.train_diffusion import train_diffusion as run
-
-    _quiet_unless_rank0(args)
-    weights = run(resolve_recipe(args))
-    if rank_and_world()[0] == 0:
-        print(weights)
-
-
-@command("train-classifier", "stage 1: the semi-supervised classifier (fixmatch, linear_probe or supervised)",
-         _stage_arguments)
-def train_classifier(args: argparse.Namespace) -> None:
-    from dpt_scale.stages.train_classifier import train_classifier as run
-
-    _quiet_unless_rank0(args)
-    weights = run(resolve_recipe(args), "stage1")
-    if rank_and_world()[0] == 0:
-        print(weights)
-
-
-@command("retrain", "stage 4: the classifier again, on real plus pseudo images", _stage_arguments)
-def retrain(args: argparse.Namespace) -> None:
-    from dpt_scale.stages.train_classifier import train_classifier as run
-
-    _quiet_unless_rank0(args)
-    weights = run(resolve_recipe(args), "retrain")
-    if rank_and_world()[0] == 0:
-        print(weights)
-
-
-@command("pseudo-label", "label every training image with the stage-1 classifier (resumable per shard)",
-         _stage_arguments)
-def pseudo_label(args: argparse.Namespace) -> None:
-    from dpt_scale.stages.pseudo_label import pseudo_label as run
-
-    _quiet_unless_rank0(args)
-    out = run(resolve_recipe(args))
-    if rank_and_world()[0] == 0:
-        print(out)
-
-
-@command("evaluate", "metrics of the run so far: classifier top-1/top-5, per-class accuracy, confusion",
-         _stage_arguments)
-def evaluate(args: argparse.Namespace) -> None:
-    import json
-
-    from dpt_scale.stages.evaluate import evaluate_run
-
-    _quiet_unless_rank0(args)
-    results = evaluate_run(resolve_recipe(args))
-    if rank_and_world()[0] == 0:
-        print(json.dumps({stage: {k: r[k] for k in ("top1", "top5")} for stage, r in results.items()}))
+_stage("train-classifier", "stage 1: the semi-supervised classifier (fixmatch, linear_probe or supervised)",
+       "dpt_scale.stages.train_classifier:train_classifier", "stage1")
+_stage("pseudo-label", "label every training image with the stage-1 classifier (resumable per shard)",
+       "dpt_scale.stages.pseudo_label:pseudo_label")
+_stage("train-diffusion", "train the class-conditional U-ViT (any launcher: python, torchrun, deepspeed)",
+       "dpt_scale.stages.train_diffusion:train_diffusion")
+_stage("retrain", "stage 4: the classifier again, on real plus pseudo images",
+       "dpt_scale.stages.train_classifier:train_classifier", "retrain")
+_stage("evaluate", "metrics of the run so far: classifier top-1/top-5, per-class accuracy, confusion",
+       "dpt_scale.stages.evaluate:summary")

@@ -35,3 +35,8 @@ def evaluate_run(recipe: Recipe) -> dict:
         save_recipe(recipe, out / "recipe.yaml")
         (out / "metrics.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def summary(recipe: Recipe) -> dict:
+    """What `dpt-scale evaluate` prints: top-1 and top-5 per stage (the rest is in metrics.json)."""
+    return {stage: {k: r[k] for k in ("top1", "top5")} for stage, r in evaluate_run(recipe).items()}
