@@ -38,6 +38,8 @@ _stage("pseudo-label", "label every training image with the stage-1 classifier (
        "dpt_scale.stages.pseudo_label:pseudo_label")
 _stage("train-diffusion", "train the class-conditional U-ViT (any launcher: python, torchrun, deepspeed)",
        "dpt_scale.stages.train_diffusion:train_diffusion")
+_stage("sample", "stage 3: pseudo images from the stage-2 model into shards (resumable, any number of ranks)",
+       "dpt_scale.stages.sample:sample")
 _stage("retrain", "stage 4: the classifier again, on real plus pseudo images",
        "dpt_scale.stages.train_classifier:train_classifier", "retrain")
 _stage("evaluate", "metrics of the run so far: classifier top-1/top-5, per-class accuracy, confusion",

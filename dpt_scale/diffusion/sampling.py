@@ -1,6 +1,12 @@
-"""Sampling with DPM-Solver++ (multistep, second order; diffusers' scheduler) and classifier-free
-guidance in the usual convention: eps = eps_null + w (eps_class - eps_null); w = 1 is no guidance,
-w = 1.4 is the paper's setting (U-ViT's "scale 0.4")."""
+"""Sampling loops from diffusers' schedulers, with classifier-free guidance in the usual convention:
+eps = eps_null + w (eps_class - eps_null); w = 1 is no guidance, w = 1.4 is the paper's setting
+(U-ViT's "scale 0.4").
+
+Two solvers, in a registry: `dpm_solver++` (multistep, second order: the sampler DPT uses, 10-50
+steps) and `ddpm` (ancestral sampling, hundreds of steps: the slow baseline it is compared with).
+Ancestral steps draw fresh noise; it comes from per-image generators, so that an image never
+depends on which other images share its batch.
+"""
 from __future__ import annotations
 
 import torch
@@ -17,13 +23,28 @@ def dpm_solver(schedule, steps: int):
     return scheduler
 
 
+def ddpm(schedule, steps: int):
+    from diffusers import DDPMScheduler
+
+    # No clipping of the predicted x0: latents are not bounded, and the DPM-Solver++ path does not clip.
+    scheduler = DDPMScheduler(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.tolist(),
+                              prediction_type="epsilon", clip_sample=False)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+SOLVERS = {"dpm_solver++": dpm_solver, "ddpm": ddpm}
+
+
 @torch.no_grad()
 def sample(model: nn.Module, schedule, labels: torch.Tensor, shape: tuple[int, ...], steps: int = 25,
-           guidance: float = 1.0, null_class: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Samples in the model's space (pixels in [-1, 1], or scaled latents), one per label."""
+           guidance: float = 1.0, null_class: int | None = None, noise: torch.Tensor | None = None,
+           solver: str = "dpm_solver++", generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Samples in the model's space (pixels in [-1, 1], or scaled latents), one per label.
+    `generators` (one per image) feed the ancestral solver's noise; `noise` is the starting point."""
     device = labels.device
     dtype = next(model.parameters()).dtype
-    scheduler = dpm_solver(schedule, steps)
+    scheduler = SOLVERS[solver](schedule, steps)
     x = (noise if noise is not None else torch.randn(len(labels), *shape, device=device)) * scheduler.init_noise_sigma
     null = torch.full_like(labels, null_class if null_class is not None else -1)
     for index in scheduler.timesteps:
@@ -34,5 +55,5 @@ def sample(model: nn.Module, schedule, labels: torch.Tensor, shape: tuple[int, .
             both = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), torch.cat([labels, null])).float()
             eps_class, eps_null = both.chunk(2)
             eps = eps_null + guidance * (eps_class - eps_null)
-        x = scheduler.step(eps, index, x).prev_sample
+        x = scheduler.step(eps, index, x, **({"generator": generators} if solver == "ddpm" else {})).prev_sample
     return x

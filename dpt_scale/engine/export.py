@@ -7,6 +7,7 @@ The float32 weights come from DeepSpeed's own conversion of the ZeRO partitions
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -45,3 +46,9 @@ def export_weights(root: str | Path, step: int, out: str | Path, extra: dict | N
     torch.save(payload, tmp)
     os.replace(tmp, out)
     return out
+
+
+def weights_identity(path: str | Path) -> str:
+    """A short checksum naming an exported weights file, recorded by whatever is derived from it."""
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:16]

@@ -104,6 +104,9 @@ class Latent:
 @dataclass
 class Diffusion:
     model: UViTModel = field(default_factory=UViTModel)
+    # Stage 2 conditions on the stage-1 pseudo-labels (unselected images train the null class only);
+    # `true` uses the shards' own labels: the oracle comparison run, not a semi-supervised one.
+    labels: Literal["pseudo", "true"] = "pseudo"
     schedule: Literal["sd_discrete", "linear_vp"] = "linear_vp"
     label_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # to the null class (CFG)
     flip: bool = False  # random horizontal flips (not for digits)
@@ -180,6 +183,41 @@ class Classifier:
 
 
 @dataclass
+class Sample:
+    """Stage 3: pseudo images from the stage-2 EMA model, written as the shard set <out>/samples."""
+
+    per_class: int = positive(128)  # K images of every class ...
+    total: int | None = field(default=None, metadata={"min": 1})  # ... or N, classes drawn per image
+    class_distribution: Literal["uniform", "pseudo_labels"] = "uniform"  # for `total`
+    solver: Literal["dpm_solver++", "ddpm"] = "dpm_solver++"  # ddpm: ancestral, for comparisons
+    steps: int = positive(50)
+    guidance: float = field(default=1.4, metadata={"min": 0.0})  # eps_null + w (eps_class - eps_null)
+    seed: int | None = None  # default: the recipe's
+    batch: int = positive(256)  # images per forward pass (x2 with guidance)
+    decode_batch: int = positive(32)  # latent recipes: images per autoencoder decode
+    shard_samples: int = positive(1000)
+    format: Literal["png", "jpg", "webp"] = "png"
+    quality: int = field(default=95, metadata={"min": 1, "max": 100})  # jpg / webp
+    encode_threads: int = positive(2)  # background image encoding and writing
+    checkpoint: str | None = None  # default <out>/diffusion/weights.pt
+
+
+@dataclass
+class Evaluate:
+    """Generation metrics (FID, KID, precision/recall, conditional accuracy) of <out>/samples."""
+
+    # Feature extractor: `inception` (ImageNet practice; needs `inception_weights`, a local file of
+    # torch-fidelity's pt_inception-2015-12-05 weights) or `mnist` (an evaluation-only classifier
+    # shipped with the package, trained on all labels of the embedded set). auto: mnist for the
+    # embedded set, inception otherwise.
+    evaluator: Literal["auto", "mnist", "inception"] = "auto"
+    inception_weights: str | None = None
+    reference: str | None = None  # the real shard set to compare with; default <data root>/val
+    kid_subset_size: int = positive(1000)
+    batch: int = positive(256)
+
+
+@dataclass
 class Recipe:
     name: str = "dpt"
     out: str = "runs/dpt"  # every output of the run lives under this directory
@@ -187,6 +225,8 @@ class Recipe:
     data: Data = field(default_factory=Data)
     classifier: Classifier = field(default_factory=Classifier)
     diffusion: Diffusion = field(default_factory=Diffusion)
+    sample: Sample = field(default_factory=Sample)
+    evaluate: Evaluate = field(default_factory=Evaluate)
 
     @property
     def data_root(self) -> str:

@@ -8,7 +8,6 @@ the confidence histogram, the stage-2 selection and (evaluation only) agreement 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from dpt_scale.classification.inference import map_shards
 from dpt_scale.classification.pseudo_labels import FORMAT, MANIFEST, read_sidecar, summarise, write_sidecar
 from dpt_scale.data.subset import read_labels
 from dpt_scale.distributed import init_distributed
+from dpt_scale.engine.export import weights_identity
 from dpt_scale.errors import UserError
 from dpt_scale.models.classifier import load_classifier
 from dpt_scale.recipe import Recipe, save_recipe
@@ -37,7 +37,7 @@ def pseudo_label(recipe: Recipe) -> Path:
     out = Path(recipe.out) / "pseudo_labels"
     manifest = Manifest.load(train_dir)
     model = load_classifier(weights, device=device)
-    identity = _identity(weights)
+    identity = weights_identity(weights)  # which classifier a sidecar came from
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         save_recipe(recipe, out / "recipe.yaml")
@@ -65,12 +65,6 @@ def pseudo_label(recipe: Recipe) -> Path:
         _write_manifest(recipe, manifest, train_dir, out, identity)
     dist.barrier()
     return out
-
-
-def _identity(weights: Path) -> str:
-    """Which classifier a sidecar came from: the checksum of its weights file."""
-    with open(weights, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def _write_manifest(recipe: Recipe, manifest: Manifest, train_dir: Path, out: Path, identity: str) -> None:

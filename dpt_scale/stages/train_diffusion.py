@@ -1,8 +1,11 @@
 """`dpt-scale train-diffusion RECIPE`: a class-conditional U-ViT on the training shards.
 
-Pixel space: images scaled to [-1, 1], labels from the shards' `cls`. Outputs in OUT/diffusion:
-checkpoints/, metrics.jsonl, samples/ (PNG grids of EMA samples, one row per class) and
-weights.pt ({"weights", "ema", "settings", ...}: a plain `build_uvit(**settings)` loads either).
+Pixel space: images scaled to [-1, 1]. Labels: the stage-1 pseudo-labels (diffusion.labels=pseudo,
+the DPT setting; images the pseudo-label selection leaves out train the null class, i.e. the
+unconditional model only) or the shards' own `cls` (labels=true, the oracle comparison).
+Outputs in OUT/diffusion: checkpoints/, metrics.jsonl, samples/ (PNG grids of EMA samples, one row
+per class) and weights.pt ({"kind": "diffusion", "weights", "ema", "settings", ...}: a plain
+`build_uvit(**settings)` loads either; `load_diffusion` checks it against a recipe).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
 
+from dpt_scale.classification.pseudo_labels import load_pseudo_labels
 from dpt_scale.diffusion.loss import noise_prediction_loss
 from dpt_scale.diffusion.sampling import sample
 from dpt_scale.diffusion.schedules import build_schedule
@@ -35,6 +39,33 @@ def model_settings(recipe: Recipe, manifest: Manifest) -> dict:
                 qkv_bias=cfg.qkv_bias, attention=cfg.attention, grad_checkpointing=cfg.grad_checkpointing)
 
 
+# Settings that only change how the model runs, not what it computes: a checkpoint may differ in them.
+RUNTIME_SETTINGS = ("attention", "grad_checkpointing")
+
+
+def load_diffusion(recipe: Recipe, path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The EMA U-ViT of a train-diffusion export, checked against the recipe's model; returns
+    (model in eval mode, the export's other entries)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"diffusion weights not found: {path} (run `dpt-scale train-diffusion` first, "
+                        "or set sample.checkpoint)")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("kind") != "diffusion":
+        raise UserError(f"{path} is not a diffusion model export (it holds a {payload.get('kind')} model); "
+                        "set sample.checkpoint to a train-diffusion weights.pt")
+    expected = model_settings(recipe, Manifest.load(Path(recipe.data_root) / "train"))
+    differ = [f"{k}={payload['settings'].get(k)!r} (recipe: {v!r})" for k, v in expected.items()
+              if k not in RUNTIME_SETTINGS and payload["settings"].get(k) != v]
+    if differ:
+        raise UserError(f"{path} does not match the recipe's model: it has {', '.join(differ)}; point "
+                        "sample.checkpoint at weights of this model, or make diffusion.model match them")
+    settings = {**payload["settings"], "attention": recipe.diffusion.model.attention, "grad_checkpointing": False}
+    model = build_uvit(**settings)
+    model.load_state_dict({**payload["weights"], **payload["ema"]})
+    return model.to(device).eval(), payload
+
+
 def train_diffusion(recipe: Recipe) -> Path:
     from dpt_scale.engine.trainer import Trainer
 
@@ -47,6 +78,7 @@ def train_diffusion(recipe: Recipe) -> Path:
     settings = model_settings(recipe, manifest)
     schedule = build_schedule(cfg.schedule)
     out = Path(recipe.out) / "diffusion"
+    pseudo = load_pseudo_labels(Path(recipe.out) / "pseudo_labels") if cfg.labels == "pseudo" else None
 
     def loss_fn(trainer: Trainer, batch: dict) -> torch.Tensor:
         x = batch["image"].to(trainer.device, non_blocking=True).float().div_(127.5).sub_(1)
@@ -54,8 +86,10 @@ def train_diffusion(recipe: Recipe) -> Path:
             flip = torch.rand(len(x), device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         y = batch["cls"].to(trainer.device)
-        if bool((y < 0).any()):
-            raise UserError(f"{shards}: samples without a label reached diffusion training")
+        if pseudo is None and bool((y < 0).any()):
+            raise UserError(f"{shards}: samples without a label reached diffusion training with "
+                            "diffusion.labels=true; use diffusion.labels=pseudo")
+        y = torch.where(y < 0, manifest.num_classes, y)  # not selected for stage 2: the null class
         return noise_prediction_loss(trainer.engine, x.to(trainer.dtype), y, schedule, cfg.label_dropout,
                                      null_class=manifest.num_classes)
 
@@ -75,12 +109,13 @@ def train_diffusion(recipe: Recipe) -> Path:
         dist.barrier()
 
     trainer = Trainer(cfg.train, out, model_fn=lambda: build_uvit(**settings), loss_fn=loss_fn, seed=recipe.seed,
-                      export_extra={"settings": settings, "schedule": cfg.schedule, "classes": manifest.classes},
+                      export_extra={"kind": "diffusion", "settings": settings, "schedule": cfg.schedule,
+                                    "classes": manifest.classes, "labels": cfg.labels},
                       hooks=[sample_grid])
     if trainer.rank == 0:
         save_recipe(recipe, out / "recipe.yaml")
     loader_cfg = recipe.data.loader
     loader = ShardLoader(shards, cfg.train.micro_batch, seed=recipe.seed, workers=loader_cfg.workers,
                          streams=loader_cfg.streams, shuffle_buffer=loader_cfg.shuffle_buffer,
-                         on_corrupt=loader_cfg.on_corrupt, pin_memory=trainer.device.type == "cuda")
+                         on_corrupt=loader_cfg.on_corrupt, pin_memory=trainer.device.type == "cuda", labels=pseudo)
     return trainer.fit(loader)
