@@ -27,14 +27,15 @@ def png(value: int, size: int = 8, channels: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def make_shard_set(directory: Path, shard_sizes: list[int], num_classes: int = 4, size: int = 8):
+def make_shard_set(directory: Path, shard_sizes: list[int], num_classes: int = 4, size: int = 8, channels: int = 1):
     """Shards with exactly the given sample counts; sample i has key s{i:05d} and class i % classes."""
     classes = [f"c{c}" for c in range(num_classes)]
     i = 0
     with ShardSetWriter(directory, classes=classes, prefix="part", max_samples=10**9) as writer:
         for n in shard_sizes:
             for _ in range(n):
-                writer.write({"__key__": f"s{i:05d}", "png": png(i, size), "cls": i % num_classes}, (1, size, size))
+                writer.write({"__key__": f"s{i:05d}", "png": png(i, size, channels), "cls": i % num_classes},
+                             (channels, size, size))
                 i += 1
             writer.end_shard()
     return directory

@@ -36,11 +36,13 @@ _stage("train-classifier", "stage 1: the semi-supervised classifier (fixmatch, l
        "dpt_scale.stages.train_classifier:train_classifier", "stage1")
 _stage("pseudo-label", "label every training image with the stage-1 classifier (resumable per shard)",
        "dpt_scale.stages.pseudo_label:pseudo_label")
+_stage("encode", "latent recipes: autoencoder moments of every training image (resumable per shard)",
+       "dpt_scale.stages.encode:encode")
 _stage("train-diffusion", "train the class-conditional U-ViT (any launcher: python, torchrun, deepspeed)",
        "dpt_scale.stages.train_diffusion:train_diffusion")
 _stage("sample", "stage 3: pseudo images from the stage-2 model into shards (resumable, any number of ranks)",
        "dpt_scale.stages.sample:sample")
 _stage("retrain", "stage 4: the classifier again, on real plus pseudo images",
        "dpt_scale.stages.train_classifier:train_classifier", "retrain")
-_stage("evaluate", "metrics of the run so far: classifier top-1/top-5, per-class accuracy, confusion",
+_stage("evaluate", "metrics of the run so far: classifier top-1/top-5 and confusion; FID, KID, precision/recall and conditional accuracy of <out>/samples",
        "dpt_scale.stages.evaluate:summary")

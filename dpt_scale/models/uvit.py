@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from dpt_scale.models.attention import Attention
 
 UVIT_SIZES: dict[str, dict] = {
-    "tiny": dict(embed_dim=64, depth=4, num_heads=4),  # CPU tests and the embedded demo
+    "tiny": dict(embed_dim=64, depth=4, num_heads=4),  # CPU tests
+    "mini": dict(embed_dim=128, depth=6, num_heads=4),  # the embedded MNIST on a CPU (1.5M at patch 4)
     "S": dict(embed_dim=512, depth=12, num_heads=8),
     "M": dict(embed_dim=768, depth=16, num_heads=12),
     "L": dict(embed_dim=1024, depth=20, num_heads=16),

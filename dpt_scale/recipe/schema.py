@@ -86,7 +86,7 @@ class Train:
 
 @dataclass
 class UViTModel:
-    size: Literal["tiny", "S", "M", "L", "H"] = "tiny"
+    size: Literal["tiny", "mini", "S", "M", "L", "H"] = "tiny"
     patch_size: int = positive(2)
     attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     conv: bool = True  # 3x3 conv after unpatchify (pixel models); latent models usually go without
@@ -99,6 +99,7 @@ class UViTModel:
 class Latent:
     autoencoder: str | None = None  # local diffusers AutoencoderKL directory; none: pixel space
     scale_factor: float | None = None  # default: the autoencoder's (0.18215 for SD's)
+    encode_batch: int = positive(32)  # images per autoencoder encode pass (`dpt-scale encode`)
 
 
 @dataclass

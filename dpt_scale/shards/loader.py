@@ -10,6 +10,9 @@
         batch["epoch"], batch["index"]  # where this batch sits: resume after it at
                                         # (epoch, (index + 1) * batch_size)
 
+Sets of arrays instead of images (a latent set's moments): `field="moments.npy"` batches that
+`.npy` member as stored (e.g. float16) under batch["moments"] instead of batch["image"].
+
 `batches` runs on across epochs without stopping its workers; `epoch(e)` gives one epoch. Every
 rank gets the same number of batches per epoch, the order is fixed by the seed and the epoch (see
 plan.py), and `offset` starts part-way through an epoch for exact resume. Random transforms are
@@ -22,6 +25,7 @@ in `loader.lost`.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -52,12 +56,14 @@ class ShardLoader:
                  drop_last: bool = True, transform: Callable | None = None, workers: int = 0,
                  streams: int = 1, shuffle_buffer: int = 4096, on_corrupt: str = "error",
                  rank: int | None = None, world_size: int | None = None, with_json: bool = False,
-                 pin_memory: bool = False, labels: Mapping[str, int] | None = None):
+                 pin_memory: bool = False, labels: Mapping[str, int] | None = None, field: str | None = None):
         if on_corrupt not in POLICIES:
             raise UserError(f"on_corrupt must be one of {POLICIES}, got {on_corrupt!r}")
+        if field is not None and not field.endswith("npy"):
+            raise UserError(f"field {field!r}: the loader batches images or a .npy member")
         self.dir = Path(directory)
         self.manifest = Manifest.load(self.dir)
-        if self.manifest.image is None:
+        if field is None and self.manifest.image is None:
             raise ShardError(f"{self.dir}: this shard set holds no images")
         env_rank, env_world = rank_and_world()
         self.rank = env_rank if rank is None else rank
@@ -65,12 +71,14 @@ class ShardLoader:
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.transform, self.workers, self.streams = transform, workers, streams
         self.shuffle_buffer, self.on_corrupt, self.pin_memory = shuffle_buffer, on_corrupt, pin_memory
-        self.image_field = self.manifest.image["field"]
-        self.channels = self.manifest.image["channels"]
+        # The member each sample adds to the batch, and the batch entry it goes to.
+        self.field = field or self.manifest.image["field"]
+        self.name = "image" if field is None else field.split(".")[0]
+        self.channels = self.manifest.image["channels"] if field is None else None
         # `labels` replaces the shards' `cls` (pseudo-labels, or none at all for unlabelled data);
         # the `cls` members are then not even read, so hidden labels cannot leak into training.
         self.labels = labels
-        self.fields = frozenset({self.image_field} | ({"cls"} if labels is None else set())
+        self.fields = frozenset({self.field} | ({"cls"} if labels is None else set())
                                 | ({"json"} if with_json else set()))
         self.lost = 0
         self.batches_per_epoch = self.plan(0).num_batches  # fails now if the set is too small
@@ -105,7 +113,7 @@ class ShardLoader:
                 if "error" in batch:
                     is_shard_error, message = batch["error"]
                     raise (ShardError if is_shard_error else UserError)(message)
-                pool.received(*batch.pop("slot"), batch["image"])
+                pool.received(*batch.pop("slot"), batch[self.name])
                 pool.hand_back()
                 if batch["epoch"] != current:
                     self._report(current, lost)
@@ -197,7 +205,7 @@ class _Stream(IterableDataset):
         """Decode a batch into a pooled buffer a chunk of images at a time: holding a whole batch of
         decoded images first would cost fresh memory (page faults) every batch for large images,
         and copying them one by one costs more than stacking for small ones."""
-        batch = _Batch(self.pool, worker, len(raw), self.ld.dir)
+        batch = _Batch(self.pool, worker, len(raw), self.ld.dir, self.ld.name)
         seed = random.Random(f"augment:{self.ld.seed}:{plan.epoch}:{self.ld.rank}:{j}").getrandbits(63)
         with _seeded(seed) if self.ld.transform else nullcontext():
             for sample in raw:
@@ -212,9 +220,10 @@ class _Stream(IterableDataset):
 
     def _decode(self, sample: dict) -> tuple | None:
         """(image, class, key, json) of a raw sample; None if it is damaged and the policy skips."""
-        key, field = sample["__key__"], self.ld.image_field
+        key, field = sample["__key__"], self.ld.field
         try:
-            image = decode_image(sample[field], self.ld.channels)
+            data = sample[field]
+            image = _load_array(data) if self.ld.channels is None else decode_image(data, self.ld.channels)
             if self.ld.labels is not None:
                 label = self.ld.labels.get(key, -1)
             else:
@@ -253,8 +262,8 @@ class _Batch:
 
     CHUNK = 16
 
-    def __init__(self, pool: BatchPool, worker: int, size: int, where: Path):
-        self.pool, self.worker, self.size, self.where = pool, worker, size, where
+    def __init__(self, pool: BatchPool, worker: int, size: int, where: Path, name: str):
+        self.pool, self.worker, self.size, self.where, self.name = pool, worker, size, where, name
         self.images, self.slot, self.filled, self.lost = None, -1, 0, 0
         self.pending: list[tuple] = []
         self.meta: list[tuple] = []  # (class, key, json) of each filled position
@@ -293,9 +302,17 @@ class _Batch:
         for pos in range(self.filled, self.size):  # repeats of good samples stand in for lost ones
             self.images[pos].copy_(self.images[pos - self.filled])
             self.meta.append(self.meta[pos - self.filled])
-        return {"image": self.images, "cls": torch.tensor([m[0] for m in self.meta], dtype=torch.int64),
+        return {self.name: self.images, "cls": torch.tensor([m[0] for m in self.meta], dtype=torch.int64),
                 "key": [m[1] for m in self.meta], "json": [m[2] for m in self.meta],
                 "lost": self.lost, "slot": (self.worker, self.slot)}
+
+
+def _load_array(data: bytes) -> torch.Tensor:
+    """A `.npy` member as a tensor of its stored dtype (damage raises the loader's 'does not decode')."""
+    try:
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).copy())  # copy: np.load's is read-only
+    except (ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"not a readable .npy array: {exc}") from None
 
 
 @contextmanager

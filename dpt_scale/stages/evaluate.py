@@ -2,7 +2,12 @@
 
 Classifiers: the stage-1 (<out>/classifier) and stage-4 (<out>/retrain) EMA weights on the
 validation shards: top-1, top-5, per-class accuracy and a confusion-matrix PNG, written to
-<out>/evaluation/. (Generation metrics join here with the sampler.)
+<out>/evaluation/.
+
+Generation, once the sampler has written <out>/samples: FID, KID, precision/recall against the
+reference set (`evaluate.reference`, default the validation shards) and conditional accuracy,
+with the features of `evaluate.evaluator` (dpt_scale.metrics). Everything lands in
+<out>/evaluation/metrics.json; reference features are cached in <out>/evaluation/cache/.
 """
 from __future__ import annotations
 
@@ -13,9 +18,13 @@ from pathlib import Path
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import UserError
 from dpt_scale.recipe import Recipe, save_recipe
+from dpt_scale.shards.manifest import MANIFEST
 from dpt_scale.stages.train_classifier import STAGE_DIRS, evaluate
 
 log = logging.getLogger(__name__)
+# What `dpt-scale evaluate` prints per entry (metrics.json has the rest).
+SUMMARY_KEYS = {"generation": ("fid", "kid_mean", "precision", "recall", "conditional_accuracy")}
+CLASSIFIER_SUMMARY = ("top1", "top5")
 
 
 def evaluate_run(recipe: Recipe) -> dict:
@@ -28,6 +37,11 @@ def evaluate_run(recipe: Recipe) -> dict:
             report = evaluate(recipe, weights, out / sub, device, title=stage)
             if report:
                 results[stage] = {k: report[k] for k in ("top1", "top5", "samples", "per_class")}
+    samples = Path(recipe.out) / "samples"
+    if (samples / MANIFEST).is_file():
+        from dpt_scale.metrics.generation import generation_metrics
+
+        results["generation"] = generation_metrics(recipe, samples, device)
     if not results:
         raise UserError(f"nothing to evaluate under {recipe.out}: no classifier weights and no validation "
                         "shards (run `dpt-scale train-classifier` first)")
@@ -38,5 +52,7 @@ def evaluate_run(recipe: Recipe) -> dict:
 
 
 def summary(recipe: Recipe) -> dict:
-    """What `dpt-scale evaluate` prints: top-1 and top-5 per stage (the rest is in metrics.json)."""
-    return {stage: {k: r[k] for k in ("top1", "top5")} for stage, r in evaluate_run(recipe).items()}
+    """What `dpt-scale evaluate` prints: top-1 and top-5 per classifier stage; FID, KID, precision,
+    recall and conditional accuracy for the samples."""
+    return {name: {k: r[k] for k in SUMMARY_KEYS.get(name, CLASSIFIER_SUMMARY)}
+            for name, r in evaluate_run(recipe).items()}

@@ -115,7 +115,7 @@ def _decoder(payload: dict, chunk: int, device: torch.device):
     from dpt_scale.diffusion.autoencoder import LatentAutoencoder
 
     vae = LatentAutoencoder(latent["autoencoder"], latent["scale_factor"]).to(device)
-    return lambda z: torch.cat([vae.decode(z[i:i + chunk]) for i in range(0, len(z), chunk)])
+    return lambda z: vae.decode(z.float(), chunk=chunk)
 
 
 def _claim(out: Path, generation: dict, rank: int) -> None:
