@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from dpt_scale.diffusion.sampling import sample as run_solver  # noqa: E402
+from dpt_scale.diffusion.sampling import to_uint8  # noqa: E402
 from dpt_scale.diffusion.schedules import build_schedule  # noqa: E402
 from dpt_scale.generation.plan import GenerationPlan  # noqa: E402
 from dpt_scale.models import build_uvit  # noqa: E402
@@ -109,7 +110,7 @@ def throughput(args) -> dict:
         for labels, noise in batches:
             x = run_solver(model, schedule, labels.to(device), shape, args.steps, args.guidance, null_class=CLASSES,
                            noise=noise.to(device))
-            ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+            to_uint8(x).cpu()
         return args.images / (time.perf_counter() - start)
 
     model_only()  # warm-up (allocator, kernels, imports)

@@ -120,7 +120,7 @@ def test_sigkill_and_restart_reproduce_the_uninterrupted_losses(tmp_path):
 
 EMA_SCRIPT = textwrap.dedent("""
     import sys, torch, deepspeed
-    from dpt_scale.diffusion.loss import noise_prediction_loss
+    from dpt_scale.diffusion.loss import denoising_loss
     from dpt_scale.diffusion.schedules import build_schedule
     from dpt_scale.engine.trainer import Trainer
     from dpt_scale.models import build_uvit
@@ -132,7 +132,7 @@ EMA_SCRIPT = textwrap.dedent("""
     schedule = build_schedule("linear_vp")
     def loss_fn(tr, batch):
         x = batch["image"].float().div(127.5).sub(1)
-        return noise_prediction_loss(tr.engine, x, batch["cls"], schedule, 0.1, 4)
+        return denoising_loss(tr.engine, x, batch["cls"], schedule, 0.1, 4)
     reference = {}
     def whole(tr):  # the whole weights, gathered: what an EMA without DeepSpeed would average
         params = dict(tr.engine.module.named_parameters())

@@ -215,3 +215,23 @@ def test_the_shipped_mnist_evaluator_scores_its_recorded_accuracy(mnist):
         top1 = (model(images).argmax(1) == labels).float().mean().item()
     assert top1 >= 0.985 and top1 == pytest.approx(torch.load(path, weights_only=False)["val_top1"], abs=1e-6)
     assert path.stat().st_size < 3e6
+
+
+def test_in_training_fid_is_logged_from_the_ema_model(tmp_path, mnist):
+    """train-diffusion with diffusion.fid_samples scores its EMA samples at every sample_every step
+    against the reference (and writes the grid), through the same evaluator as `evaluate`."""
+    write_set(tmp_path / "data" / "train", mnist["train"][:200])
+    write_set(tmp_path / "data" / "val", mnist["val"][:200])
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "fid-probe", "out": str(tmp_path / "run"), "data": {"root": str(tmp_path / "data"),
+                                                                    "loader": {"workers": 0, "streams": 2}},
+        "classifier": {"pseudo_label": {"workers": 0}}, "evaluate": {"kid_subset_size": 50},
+        "diffusion": {"model": {"size": "tiny", "patch_size": 4}, "labels": "true", "fid_samples": 60,
+                      "train": {"steps": 2, "micro_batch": 8, "sample_every": 1, "checkpoint_every": 2}}}))
+    result = run_cli("-q", "train-diffusion", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(l) for l in (tmp_path / "run" / "diffusion" / "fid.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2]
+    assert all(l["samples"] == 60 and l["fid"] > 0 and 0 <= l["conditional_accuracy"] <= 1 for l in lines)
+    assert (tmp_path / "run" / "diffusion" / "samples" / "step-00000002.png").is_file()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dpt_scale.diffusion.loss import noise_prediction_loss
+from dpt_scale.diffusion.loss import denoising_loss
 from dpt_scale.diffusion.sampling import sample
 from dpt_scale.diffusion.schedules import SCHEDULES, build_schedule
 from dpt_scale.errors import UserError
@@ -61,7 +61,7 @@ def test_label_dropout_sends_labels_to_the_null_class():
         return torch.zeros_like(x)
     schedule = build_schedule("linear_vp")
     y = torch.zeros(4000, dtype=torch.long)
-    loss = noise_prediction_loss(model, torch.zeros(4000, 1, 2, 2), y, schedule, label_dropout=0.25, null_class=7)
+    loss = denoising_loss(model, torch.zeros(4000, 1, 2, 2), y, schedule, label_dropout=0.25, null_class=7)
     assert loss.item() == pytest.approx(1.0, rel=0.05)  # predicting zero noise costs E[noise^2] = 1
     dropped = (seen[0] == 7).float().mean().item()
     assert 0.22 < dropped < 0.28 and set(seen[0].tolist()) == {0, 7}
@@ -98,10 +98,12 @@ def test_sampler_guidance_and_determinism():
     assert not torch.allclose(guided, plain)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_the_sampler_recovers_the_data_under_an_exact_noise_oracle(name):
-    """For data that is always the same image c, the exact noise prediction is (x_t - alpha c) / sigma;
-    DPM-Solver++ with it must land on c: this pins down schedule, time mapping and update rule."""
+def test_the_sampler_recovers_the_data_under_an_exact_noise_oracle(name, prediction):
+    """For data that is always the same image c, the exact noise prediction is (x_t - alpha c) / sigma
+    (and v = alpha eps - sigma c); DPM-Solver++ and ancestral sampling with it must land on c: this
+    pins down schedule, time mapping, target and update rule."""
     schedule = build_schedule(name)
     c = torch.linspace(-0.8, 0.8, 16).view(1, 1, 4, 4)
 
@@ -113,8 +115,10 @@ def test_the_sampler_recovers_the_data_under_an_exact_noise_oracle(name):
         def forward(self, x, model_time, y):
             t = model_time / 1000 if name == "linear_vp" else model_time.long()
             alpha, sigma = (v.view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t))
-            return (x - alpha * c) / sigma
+            eps = (x - alpha * c) / sigma
+            return eps if prediction == "epsilon" else alpha * eps - sigma * c
 
-    for steps in (10, 25):
-        x = sample(Oracle(), schedule, torch.zeros(3, dtype=torch.long), (1, 4, 4), steps=steps, null_class=1)
+    for solver, steps in (("dpm_solver++", 10), ("dpm_solver++", 25), ("ddpm", 50)):
+        x = sample(Oracle(), schedule, torch.zeros(3, dtype=torch.long), (1, 4, 4), steps=steps, null_class=1,
+                   solver=solver, prediction=prediction)
         torch.testing.assert_close(x, c.expand_as(x), rtol=0, atol=1e-5)

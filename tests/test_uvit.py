@@ -22,7 +22,7 @@ def test_parameter_counts_match_the_paper_at_4x32x32_patch_2(size, classes, refe
 
 
 def test_sizes_registry():
-    assert {s: (c["embed_dim"], c["depth"], c["num_heads"]) for s, c in UVIT_SIZES.items() if s != "tiny"} == {
+    assert {s: (c["embed_dim"], c["depth"], c["num_heads"]) for s, c in UVIT_SIZES.items() if s not in ("tiny", "mini")} == {
         "S": (512, 12, 8), "M": (768, 16, 12), "L": (1024, 20, 16), "H": (1152, 28, 16)}
     with pytest.raises(ValueError, match="unknown U-ViT size 'XL'"):
         build_uvit("XL")

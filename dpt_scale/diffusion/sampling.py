@@ -13,22 +13,22 @@ import torch
 from torch import nn
 
 
-def dpm_solver(schedule, steps: int):
+def dpm_solver(schedule, steps: int, prediction: str):
     from diffusers import DPMSolverMultistepScheduler  # imported here: sampling only
 
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=schedule.num_timesteps,
                                             trained_betas=schedule.betas.tolist(), algorithm_type="dpmsolver++",
-                                            solver_order=2, prediction_type="epsilon", lower_order_final=True)
+                                            solver_order=2, prediction_type=prediction, lower_order_final=True)
     scheduler.set_timesteps(steps)
     return scheduler
 
 
-def ddpm(schedule, steps: int):
+def ddpm(schedule, steps: int, prediction: str):
     from diffusers import DDPMScheduler
 
     # No clipping of the predicted x0: latents are not bounded, and the DPM-Solver++ path does not clip.
     scheduler = DDPMScheduler(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.tolist(),
-                              prediction_type="epsilon", clip_sample=False)
+                              prediction_type=prediction, clip_sample=False)
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -39,21 +39,29 @@ SOLVERS = {"dpm_solver++": dpm_solver, "ddpm": ddpm}
 @torch.no_grad()
 def sample(model: nn.Module, schedule, labels: torch.Tensor, shape: tuple[int, ...], steps: int = 25,
            guidance: float = 1.0, null_class: int | None = None, noise: torch.Tensor | None = None,
-           solver: str = "dpm_solver++", generators: list[torch.Generator] | None = None) -> torch.Tensor:
+           solver: str = "dpm_solver++", generators: list[torch.Generator] | None = None,
+           prediction: str = "epsilon") -> torch.Tensor:
     """Samples in the model's space (pixels in [-1, 1], or scaled latents), one per label.
-    `generators` (one per image) feed the ancestral solver's noise; `noise` is the starting point."""
+    `generators` (one per image) feed the ancestral solver's noise; `noise` is the starting point;
+    `prediction` is what the model was trained to output (diffusion/loss.py). Guidance mixes the
+    conditional and unconditional outputs linearly, which is the same for either target."""
     device = labels.device
     dtype = next(model.parameters()).dtype
-    scheduler = SOLVERS[solver](schedule, steps)
+    scheduler = SOLVERS[solver](schedule, steps, prediction)
     x = (noise if noise is not None else torch.randn(len(labels), *shape, device=device)) * scheduler.init_noise_sigma
     null = torch.full_like(labels, null_class if null_class is not None else -1)
     for index in scheduler.timesteps:
         t = torch.full((len(labels),), schedule.index_model_time(int(index)), device=device)
         if guidance == 1.0:
-            eps = model(x.to(dtype), t, labels).float()
+            out = model(x.to(dtype), t, labels).float()
         else:
             both = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), torch.cat([labels, null])).float()
-            eps_class, eps_null = both.chunk(2)
-            eps = eps_null + guidance * (eps_class - eps_null)
-        x = scheduler.step(eps, index, x, **({"generator": generators} if solver == "ddpm" else {})).prev_sample
+            conditional, unconditional = both.chunk(2)
+            out = unconditional + guidance * (conditional - unconditional)
+        x = scheduler.step(out, index, x, **({"generator": generators} if solver == "ddpm" else {})).prev_sample
     return x
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> uint8 0..255 (rounded, clipped), on the same device."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -165,6 +165,33 @@ def _shard_set(path: Path, what: str, fix: str) -> Manifest:
     return manifest
 
 
+def reference_for(recipe: Recipe, device: torch.device) -> tuple[Evaluator, dict | None]:
+    """The recipe's evaluator and its reference features (on rank 0; None elsewhere). Every rank calls it."""
+    cfg = recipe.evaluate
+    reference = Path(cfg.reference or Path(recipe.data_root) / "val")
+    manifest = _shard_set(reference, "reference shard set",
+                          "run `dpt-scale data import`, or set evaluate.reference to a shard set")
+    evaluator = build_evaluator(cfg, manifest, device)
+    if evaluator.accepts is not None:
+        evaluator.accepts(manifest, reference)
+    cache = Path(recipe.out) / "evaluation" / "cache"
+    workers = recipe.classifier.pseudo_label.workers
+    return evaluator, reference_features(evaluator, reference, manifest, cache, cfg.batch, device, workers)
+
+
+def image_metrics(evaluator: Evaluator, reference: dict, images: torch.Tensor, labels: torch.Tensor,
+                  classes: list[str], kid_subset_size: int, batch: int) -> dict:
+    """FID, KID, precision/recall and conditional accuracy of uint8 images held in memory (the
+    in-training probe), against reference features from `reference_for`."""
+    parts = [evaluator(images[i:i + batch]) for i in range(0, len(images), batch)]
+    logits = None if parts[0][1] is None else torch.cat([p[1] for p in parts]).cpu()
+    fake = SetFeatures(torch.cat([p[0] for p in parts]).cpu(), logits, labels.cpu())
+    accuracy = None
+    if logits is not None and evaluator.classes == classes:
+        accuracy = (logits.argmax(1) == fake.labels).float().mean().item()
+    return {**compare(fake, reference, kid_subset_size), "conditional_accuracy": accuracy, "samples": len(images)}
+
+
 def generation_metrics(recipe: Recipe, generated: Path | None = None,
                        device: torch.device = torch.device("cpu")) -> dict:
     """Metrics of `generated` (default <out>/samples) against `evaluate.reference` (default
@@ -173,15 +200,10 @@ def generation_metrics(recipe: Recipe, generated: Path | None = None,
     generated = Path(generated or Path(recipe.out) / "samples")
     reference = Path(cfg.reference or Path(recipe.data_root) / "val")
     gen_manifest = _shard_set(generated, "generated images", "run `dpt-scale sample RECIPE` first")
-    ref_manifest = _shard_set(reference, "reference shard set",
-                              "run `dpt-scale data import`, or set evaluate.reference to a shard set")
-    evaluator = build_evaluator(cfg, ref_manifest, device)
+    evaluator, real = reference_for(recipe, device)
     if evaluator.accepts is not None:
-        evaluator.accepts(ref_manifest, reference)
         evaluator.accepts(gen_manifest, generated)
     workers = recipe.classifier.pseudo_label.workers  # the same decoding processes as classifier evaluation
-    cache = Path(recipe.out) / "evaluation" / "cache"
-    real = reference_features(evaluator, reference, ref_manifest, cache, cfg.batch, device, workers)
     fake = set_features(evaluator, generated, cfg.batch, device, workers)
     result = None
     if fake is not None:  # rank 0

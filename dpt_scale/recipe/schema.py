@@ -109,8 +109,14 @@ class Diffusion:
     # `true` uses the shards' own labels: the oracle comparison run, not a semi-supervised one.
     labels: Literal["pseudo", "true"] = "pseudo"
     schedule: Literal["sd_discrete", "linear_vp"] = "linear_vp"
+    # What the network predicts: the noise (the paper's) or v = alpha noise - sigma x0, which trains
+    # usable models in far fewer steps (see diffusion/loss.py).
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     label_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # to the null class (CFG)
     flip: bool = False  # random horizontal flips (not for digits)
+    # In-training FID: this many unguided EMA samples every train.sample_every steps, scored with
+    # the `evaluate` section's evaluator and reference (0: grids only).
+    fid_samples: int = field(default=0, metadata={"min": 0})
     latent: Latent = field(default_factory=Latent)
     train: Train = field(default_factory=Train)
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dpt_scale.diffusion.schedules import build_schedule
 from dpt_scale.diffusion.sampling import sample as run_solver
+from dpt_scale.diffusion.sampling import to_uint8
 from dpt_scale.distributed import init_distributed
 from dpt_scale.engine.export import weights_identity
 from dpt_scale.errors import UserError
@@ -69,10 +70,10 @@ def sample(recipe: Recipe) -> Path:
                 labels, noise, generators = plan.draw(indices, shape)
                 x = run_solver(model, schedule, labels.to(device), shape, cfg.steps, cfg.guidance,
                                null_class=len(classes), noise=noise.to(device), solver=cfg.solver,
-                               generators=generators)
+                               generators=generators, prediction=payload.get("prediction", "epsilon"))
                 if decoder is not None:
                     x = decoder(x)
-                images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+                images = to_uint8(x).cpu()
                 writer.put(_shard_name(s), [{"__key__": f"g{i:09d}", "cls": c, "json": {**meta, "index": i}}
                                             for i, c in zip(indices, labels.tolist())],
                            images.permute(0, 2, 3, 1).numpy())

@@ -8,13 +8,16 @@ setting; images the pseudo-label selection leaves out train the null class, i.e.
 model only) or the shards' own `cls` (labels=true, the oracle comparison); latents keep the image
 keys, so the pseudo-labels join them exactly as they join the images.
 Outputs in OUT/diffusion: checkpoints/, metrics.jsonl, samples/ (PNG grids of EMA samples, one row
-per class, decoded to pixels for latent models) and weights.pt ({"kind": "diffusion", "weights",
+per class, decoded to pixels for latent models; with diffusion.fid_samples also fid.jsonl, an
+unguided in-training FID of the EMA model) and weights.pt ({"kind": "diffusion", "weights",
 "ema", "settings", ..., and for latent models "latent": the autoencoder the sampler decodes with}:
 a plain `build_uvit(**settings)` loads either; `load_diffusion` checks it against a recipe).
 """
 from __future__ import annotations
 
 import functools
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -23,16 +26,18 @@ from torchvision.utils import save_image
 
 from dpt_scale.classification.pseudo_labels import load_pseudo_labels
 from dpt_scale.diffusion.autoencoder import LatentAutoencoder, sample_latent
-from dpt_scale.diffusion.loss import noise_prediction_loss
-from dpt_scale.diffusion.sampling import sample
+from dpt_scale.diffusion.loss import denoising_loss
+from dpt_scale.diffusion.sampling import sample, to_uint8
 from dpt_scale.diffusion.schedules import build_schedule
 from dpt_scale.errors import UserError
+from dpt_scale.metrics.generation import image_metrics, reference_for
 from dpt_scale.models import build_uvit
 from dpt_scale.recipe import Recipe, save_recipe
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.stages.encode import MOMENTS, latent_set
 
+log = logging.getLogger(__name__)
 GRID_PER_CLASS = 8  # samples per class in the periodic grid
 GRID_STEPS = 25
 
@@ -137,36 +142,56 @@ def train_diffusion(recipe: Recipe) -> Path:
             raise UserError(f"{shards}: samples without a label reached diffusion training with "
                             "diffusion.labels=true; use diffusion.labels=pseudo")
         y = torch.where(y < 0, manifest.num_classes, y)  # not selected for stage 2: the null class
-        return noise_prediction_loss(trainer.engine, x.to(trainer.dtype), y, schedule, cfg.label_dropout,
-                                     null_class=manifest.num_classes)
+        return denoising_loss(trainer.engine, x.to(trainer.dtype), y, schedule, cfg.label_dropout,
+                                     null_class=manifest.num_classes, prediction=cfg.prediction)
 
     @functools.cache
     def autoencoder(device: torch.device) -> LatentAutoencoder:
         """Latent models: the grids' decoder, loaded once, by rank 0 only."""
         return LatentAutoencoder(latent["autoencoder"], latent["scale_factor"]).to(device)
 
-    def sample_grid(trainer: Trainer, step: int) -> None:
+    def generate(model: torch.nn.Module, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """Unguided EMA samples as pixels in [-1, 1], as the reference's in-training FID takes them."""
+        generator = torch.Generator(device=labels.device).manual_seed(seed)
+        noise = torch.randn(len(labels), settings["in_chans"], settings["img_size"], settings["img_size"],
+                            generator=generator, device=labels.device)
+        x = sample(model, schedule, labels, noise.shape[1:], GRID_STEPS, null_class=manifest.num_classes, noise=noise,
+                   prediction=cfg.prediction)
+        return autoencoder(labels.device).decode(x.float(), chunk=recipe.sample.decode_batch) if latent else x
+
+    reference = {}  # the in-training FID's evaluator and reference features, fetched once
+
+    def probe(trainer: Trainer, step: int) -> None:
+        """Every train.sample_every steps: a PNG grid of EMA samples, one row per class, and with
+        diffusion.fid_samples an in-training FID (+ conditional accuracy) appended to fid.jsonl."""
         ema = trainer.ema.full_state_dict()  # a collective under ZeRO-3: every rank takes part
+        if cfg.fid_samples and not reference:
+            reference["evaluator"], reference["features"] = reference_for(recipe, trainer.device)  # collective
         if trainer.rank == 0:
             model = build_uvit(**settings).to(trainer.device).eval()
             model.load_state_dict(ema)
-            labels = torch.arange(manifest.num_classes, device=trainer.device).repeat_interleave(GRID_PER_CLASS)
-            generator = torch.Generator(device=trainer.device).manual_seed(recipe.seed)
-            noise = torch.randn(len(labels), settings["in_chans"], settings["img_size"], settings["img_size"],
-                                generator=generator, device=trainer.device)
-            x = sample(model, schedule, labels, noise.shape[1:], GRID_STEPS, null_class=manifest.num_classes,
-                       noise=noise)
-            if latent:
-                x = autoencoder(trainer.device).decode(x.float(), chunk=recipe.sample.decode_batch)
+            device, classes = trainer.device, manifest.num_classes
+            x = generate(model, torch.arange(classes, device=device).repeat_interleave(GRID_PER_CLASS), recipe.seed)
             (out / "samples").mkdir(parents=True, exist_ok=True)
             save_image((x.float() + 1) / 2, out / "samples" / f"step-{step:08d}.png", nrow=GRID_PER_CLASS)
+            if cfg.fid_samples:
+                labels = torch.arange(cfg.fid_samples, device=device) % classes
+                images = torch.cat([to_uint8(generate(model, labels[i:i + recipe.sample.batch], recipe.seed + 1 + i))
+                                    for i in range(0, len(labels), recipe.sample.batch)])
+                metrics = image_metrics(reference["evaluator"], reference["features"], images, labels,
+                                        manifest.classes, recipe.evaluate.kid_subset_size, recipe.evaluate.batch)
+                with open(out / "fid.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+                log.info(f"step {step}: in-training FID {metrics['fid']:.3f} ({cfg.fid_samples} unguided EMA samples), "
+                         f"conditional accuracy {metrics['conditional_accuracy']}")
         dist.barrier()
 
     trainer = Trainer(cfg.train, out, model_fn=lambda: build_uvit(**settings), loss_fn=loss_fn, seed=recipe.seed,
                       export_extra={"kind": "diffusion", "settings": settings, "schedule": cfg.schedule,
+                                    "prediction": cfg.prediction,
                                     "classes": manifest.classes, "labels": cfg.labels,
                                     **({"latent": latent} if latent else {})},
-                      hooks=[sample_grid])
+                      hooks=[probe])
     if trainer.rank == 0:
         save_recipe(recipe, out / "recipe.yaml")
     loader_cfg = recipe.data.loader
