@@ -149,3 +149,12 @@ def test_a_checkpoint_of_another_model_is_refused(trained):
     torch.save({"kind": "classifier"}, trained / "classifier.pt")
     result = run_cli("-q", "sample", str(recipe), "--set", f"sample.checkpoint={trained / 'classifier.pt'}")
     assert_one_line_error(result, "is not a diffusion model export")
+
+
+def test_n_images_with_drawn_classes_and_a_restart_of_it(trained):
+    recipe = other_run(trained, "total", total=12)
+    for _ in range(2):  # the second run finds the finished set with the same settings and keeps it
+        result = run_cli("-q", "sample", str(recipe))
+        assert result.returncode == 0, result.stderr[-3000:]
+    manifest, _, faults = verify(trained / "total" / "samples")
+    assert not faults and manifest.num_samples == 12 and sum(manifest.class_histogram) == 12

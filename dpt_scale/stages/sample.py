@@ -53,6 +53,7 @@ def sample(recipe: Recipe) -> Path:
                   "class_weights": plan.class_weights, "solver": cfg.solver, "steps": cfg.steps,
                   "guidance": cfg.guidance, "batch": cfg.batch, "shard_samples": cfg.shard_samples,
                   "format": cfg.format, "quality": cfg.quality}
+    generation = json.loads(json.dumps(generation))  # as it reads back from generation.json (tuples -> lists)
     _claim(out, generation, rank)
     schedule = build_schedule(payload["schedule"])
     meta = {k: generation[k] for k in ("seed", "solver", "steps", "guidance", "checkpoint")}
