@@ -12,13 +12,13 @@ the data or model it describes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from dpt_scale.errors import UserError
 from dpt_scale.recipe.schema import PseudoLabel
+from dpt_scale.shards.manifest import write_json
 
 FORMAT = "dpt_scale.pseudo_labels/1"
 MANIFEST = "manifest.json"
@@ -32,11 +32,9 @@ def sidecar_name(shard_name: str) -> str:
 def write_sidecar(directory: Path, shard_name: str, sha256: str, classifier: str, keys: list[str],
                   probs: torch.Tensor) -> None:
     confidence, labels = probs.max(1)
-    path = directory / sidecar_name(shard_name)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"shard": shard_name, "sha256": sha256, "classifier": classifier, "keys": keys,
-                               "labels": labels.tolist(), "confidence": [round(c, 6) for c in confidence.tolist()]}))
-    os.replace(tmp, path)
+    write_json(directory / sidecar_name(shard_name),
+               {"shard": shard_name, "sha256": sha256, "classifier": classifier, "keys": keys,
+                "labels": labels.tolist(), "confidence": [round(c, 6) for c in confidence.tolist()]})
 
 
 def read_sidecar(directory: Path, shard_name: str) -> dict | None:

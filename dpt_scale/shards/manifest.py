@@ -72,14 +72,7 @@ class Manifest:
         return len(self.classes)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / MANIFEST
-        tmp = path.with_name(MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return write_json(Path(directory) / MANIFEST, dataclasses.asdict(self), indent=1)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Manifest":
@@ -97,3 +90,16 @@ class Manifest:
             return cls(**data)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ShardError(f"{path} is damaged ({exc}); re-create the shard set or restore the file") from None
+
+
+def write_json(path: str | os.PathLike, data, indent: int | None = None) -> Path:
+    """Write JSON so that `path` holds either its old content or all of the new: a temporary, fsynced,
+    then renamed (manifests, sidecars and progress records are all read as proof of finished work)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

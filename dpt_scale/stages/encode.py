@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from dpt_scale.diffusion.autoencoder import LatentAutoencoder, autoencoder_ident
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.recipe import Recipe
-from dpt_scale.shards.manifest import MANIFEST, Manifest, ShardEntry
+from dpt_scale.shards.manifest import MANIFEST, Manifest, ShardEntry, write_json
 from dpt_scale.shards.writer import TMP_SUFFIX, SetStats, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ def _write_shard(out: Path, source_entry: ShardEntry, part: ShardOutput, spec: d
             label = label if label >= 0 else None
             writer.write({"__key__": key, MOMENTS: buf.getvalue(), "cls": label})
             stats.add(label, None)
-    _write_json(out / PROGRESS / f"{source_entry.name}.json",
+    write_json(out / PROGRESS / f"{source_entry.name}.json",
                 {"entry": writer.entry.__dict__, "source_sha256": source_entry.sha256, "identity": spec["identity"],
                  "flips": spec["flips"], "histogram": stats.histogram, "unlabelled": stats.unlabelled})
 
@@ -196,9 +195,3 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)

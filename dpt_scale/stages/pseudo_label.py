@@ -8,9 +8,7 @@ the confidence histogram, the stage-2 selection and (evaluation only) agreement 
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from dpt_scale.engine.export import weights_identity
 from dpt_scale.errors import UserError
 from dpt_scale.models.classifier import load_classifier
 from dpt_scale.recipe import Recipe, save_recipe
-from dpt_scale.shards.manifest import Manifest
+from dpt_scale.shards.manifest import Manifest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +73,7 @@ def _write_manifest(recipe: Recipe, manifest: Manifest, train_dir: Path, out: Pa
     summary = summarise(sidecars, manifest.num_classes, recipe.classifier.pseudo_label, true_labels)
     data = {"format": FORMAT, "shard_set": str(train_dir), "classifier": identity, "classes": manifest.classes,
             "shards": [e.name for e in manifest.shards], **summary}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    write_json(out / MANIFEST, data, indent=1)
     agreement = f", agreement with true labels {summary['agreement']:.4f}" if "agreement" in summary else ""
     log.info(f"{out}: {summary['samples']} pseudo-labels, {summary['selection']['selected']} selected for "
              f"stage 2{agreement}")

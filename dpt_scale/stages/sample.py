@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from dpt_scale.errors import UserError
 from dpt_scale.generation.plan import GenerationPlan
 from dpt_scale.generation.writer import BackgroundShardWriter
 from dpt_scale.recipe import Recipe, save_recipe
-from dpt_scale.shards.manifest import ShardEntry
+from dpt_scale.shards.manifest import ShardEntry, write_json
 from dpt_scale.shards.writer import TMP_SUFFIX, SetStats
 from dpt_scale.stages.train_diffusion import load_diffusion
 
@@ -82,7 +81,7 @@ def sample(recipe: Recipe) -> Path:
                     histogram[c] += 1
                 bar.update(len(indices))
             record = {"histogram": histogram, "image_shape": list(images.shape[1:])}
-            writer.end_shard(_shard_name(s), lambda entry, record=record: _write_json(
+            writer.end_shard(_shard_name(s), lambda entry, record=record: write_json(
                 out / PROGRESS / f"{entry.name}.json", {"entry": entry.__dict__, **record}))
     bar.close()
     dist.barrier()
@@ -133,7 +132,7 @@ def _claim(out: Path, generation: dict, rank: int) -> None:
     if rank == 0:
         (out / PROGRESS).mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").unlink(missing_ok=True)  # not a finished set until rewritten
-        _write_json(path, generation)
+        write_json(path, generation)
     dist.barrier()
 
 
@@ -157,9 +156,3 @@ def _write_manifest(out: Path, plan: GenerationPlan, classes: list[str], generat
         stray.unlink()  # left by a crash in an earlier attempt: every shard is done now
     manifest.save(out)
     log.info(f"{out}: {plan.total} images in {plan.shards} shard(s)")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
