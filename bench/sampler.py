@@ -65,11 +65,11 @@ def workspace(root: Path, size: int, channels: int, model: str, patch: int, samp
     torch.manual_seed(0)
     state = build_uvit(**settings).state_dict()
     torch.save({"kind": "diffusion", "weights": state, "ema": {}, "settings": settings, "schedule": "linear_vp",
-                "classes": [str(c) for c in range(CLASSES)], "labels": "true"}, root / "weights.pt")
+                "classes": [str(c) for c in range(CLASSES)], "labels": "ground_truth"}, root / "weights.pt")
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "bench-sampler", "out": str(root / "run"), "data": {"root": str(root / "data")},
-        "diffusion": {"model": {"size": model, "patch_size": patch}, "labels": "true"},
+        "diffusion": {"model": {"size": model, "patch_size": patch}, "labels": "ground_truth"},
         "sample": {"checkpoint": str(root / "weights.pt"), **sample}}))
     return recipe
 

@@ -25,7 +25,7 @@ def recipe(tmp_path, name="r.yaml", **train):
         make_shard_set(tmp_path / "data" / "train", [50, 60, 40, 50])
     body = {"name": "engine", "out": str(tmp_path / "run"), "seed": 0,
             "data": {"root": str(tmp_path / "data"), "loader": {"workers": 2, "streams": 2}},
-            "diffusion": {"model": {"size": "tiny", "patch_size": 2}, "labels": "true",
+            "diffusion": {"model": {"size": "tiny", "patch_size": 2}, "labels": "ground_truth",
                           "train": {"steps": 8, "micro_batch": 8, "checkpoint_every": 4, "log_every": 1,
                                     "sample_every": 0, "zero_stage": 2, **train}}}
     path = tmp_path / name

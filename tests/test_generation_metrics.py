@@ -227,7 +227,7 @@ def test_in_training_fid_is_logged_from_the_ema_model(tmp_path, mnist):
         "name": "fid-probe", "out": str(tmp_path / "run"), "data": {"root": str(tmp_path / "data"),
                                                                     "loader": {"workers": 0, "streams": 2}},
         "classifier": {"pseudo_label": {"workers": 0}}, "evaluate": {"kid_subset_size": 50},
-        "diffusion": {"model": {"size": "tiny", "patch_size": 4}, "labels": "true", "fid_samples": 60,
+        "diffusion": {"model": {"size": "tiny", "patch_size": 4}, "labels": "ground_truth", "fid_samples": 60,
                       "train": {"steps": 2, "micro_batch": 8, "sample_every": 1, "checkpoint_every": 2}}}))
     result = run_cli("-q", "train-diffusion", str(recipe))
     assert result.returncode == 0, result.stderr[-3000:]

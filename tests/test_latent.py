@@ -38,7 +38,7 @@ def make_autoencoder(path: Path, seed: int) -> Path:
 def write_recipe(path: Path, root: Path, data: Path | None = None) -> Path:
     body = {"name": "latent", "out": str(root / "run"), "seed": 1,
             "data": {"root": str(data or root / "data"), "loader": {"workers": 0, "streams": 2}},
-            "diffusion": {"labels": "true", "flip": True, "latent": {"autoencoder": str(root / "vae")},
+            "diffusion": {"labels": "ground_truth", "flip": True, "latent": {"autoencoder": str(root / "vae")},
                           "model": {"size": "tiny", "patch_size": 2, "conv": False},
                           "train": {"steps": 2, "micro_batch": 4, "checkpoint_every": 2, "log_every": 1,
                                     "sample_every": 2}},

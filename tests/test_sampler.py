@@ -26,7 +26,7 @@ SAMPLE = {"per_class": 30, "shard_samples": 5, "batch": 3, "steps": 3, "guidance
 def write_recipe(path: Path, data: Path, out: Path, **sample) -> Path:
     body = {"name": "sampler", "out": str(out), "seed": 3,
             "data": {"root": str(data), "loader": {"workers": 0, "streams": 2}},
-            "diffusion": {"model": {"size": "tiny", "patch_size": 2}, "labels": "true",
+            "diffusion": {"model": {"size": "tiny", "patch_size": 2}, "labels": "ground_truth",
                           "train": {"steps": 2, "micro_batch": 8, "checkpoint_every": 2, "log_every": 1}},
             "sample": {**SAMPLE, **sample}}
     path.write_text(yaml.safe_dump(body))

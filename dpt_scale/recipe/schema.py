@@ -106,8 +106,8 @@ class Latent:
 class Diffusion:
     model: UViTModel = field(default_factory=UViTModel)
     # Stage 2 conditions on the stage-1 pseudo-labels (unselected images train the null class only);
-    # `true` uses the shards' own labels: the oracle comparison run, not a semi-supervised one.
-    labels: Literal["pseudo", "true"] = "pseudo"
+    # `ground_truth` uses the shards' own labels: the oracle comparison run, not a semi-supervised one.
+    labels: Literal["pseudo", "ground_truth"] = "pseudo"
     schedule: Literal["sd_discrete", "linear_vp"] = "linear_vp"
     # What the network predicts: the noise (the paper's) or v = alpha noise - sigma x0, which trains
     # usable models in far fewer steps (see diffusion/loss.py).

@@ -5,7 +5,7 @@ set `dpt-scale encode` made (stages/encode.py), a fresh z = scale (mean + exp(lo
 drawn from each image's stored moments at every step, the mirror image's moments half the time
 when diffusion.flip is on. Labels: the stage-1 pseudo-labels (diffusion.labels=pseudo, the DPT
 setting; images the pseudo-label selection leaves out train the null class, i.e. the unconditional
-model only) or the shards' own `cls` (labels=true, the oracle comparison); latents keep the image
+model only) or the shards' own `cls` (labels=ground_truth, the oracle comparison); latents keep the image
 keys, so the pseudo-labels join them exactly as they join the images.
 Outputs in OUT/diffusion: checkpoints/, metrics.jsonl, samples/ (PNG grids of EMA samples, one row
 per class, decoded to pixels for latent models; with diffusion.fid_samples also fid.jsonl, an
@@ -140,7 +140,7 @@ def train_diffusion(recipe: Recipe) -> Path:
         y = batch["cls"].to(trainer.device)
         if pseudo is None and bool((y < 0).any()):
             raise UserError(f"{shards}: samples without a label reached diffusion training with "
-                            "diffusion.labels=true; use diffusion.labels=pseudo")
+                            "diffusion.labels=ground_truth; use diffusion.labels=pseudo")
         y = torch.where(y < 0, manifest.num_classes, y)  # not selected for stage 2: the null class
         return denoising_loss(trainer.engine, x.to(trainer.dtype), y, schedule, cfg.label_dropout,
                                      null_class=manifest.num_classes, prediction=cfg.prediction)
