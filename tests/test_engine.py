@@ -16,7 +16,7 @@ import yaml
 from dpt_scale.engine.dsconfig import deepspeed_config
 from dpt_scale.errors import UserError
 from dpt_scale.recipe.schema import Train
-from helpers import REPO, make_shard_set, run_cli, torchrun, torchrun_command
+from helpers import REPO, assert_one_line_error, make_shard_set, run_cli, torchrun, torchrun_command
 
 
 def recipe(tmp_path, name="r.yaml", **train):
@@ -191,3 +191,59 @@ def test_resuming_with_another_world_size_is_a_clear_error(tmp_path):
     result = run_cli("train-diffusion", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "was written by 2 ranks and this job has 1; resume with 2 ranks" in result.stderr.splitlines()[-1]
+
+
+def _pseudo_labelled_run(tmp_path, name, hidden, pseudo):
+    """A run whose 120 training images carry the hidden labels `hidden` and whose stage-1 output
+    says `pseudo` (key -> (label, confidence)); returns its recipe."""
+    from dpt_scale.classification.pseudo_labels import write_sidecar
+    from dpt_scale.shards.manifest import write_json
+    from dpt_scale.shards.writer import ShardSetWriter
+    from helpers import png
+
+    data = tmp_path / name / "data" / "train"
+    with ShardSetWriter(data, classes=["a", "b", "c", "d"], prefix="train", max_samples=60) as writer:
+        for i, c in enumerate(hidden):
+            writer.write({"__key__": f"k{i:04d}", "png": png(i), "cls": c}, (1, 8, 8))
+    labels_dir = tmp_path / name / "run" / "pseudo_labels"
+    labels_dir.mkdir(parents=True)
+    for entry, start in zip(writer.manifest.shards, (0, 60)):
+        keys = [f"k{i:04d}" for i in range(start, start + entry.samples)]
+        probs = torch.zeros(len(keys), 4)
+        for row, key in enumerate(keys):
+            probs[row, pseudo[key][0]] = pseudo[key][1]
+        write_sidecar(labels_dir, entry.name, entry.sha256, "test", keys, probs)
+    write_json(labels_dir / "manifest.json", {"shards": [e.name for e in writer.manifest.shards], "counts": [0] * 4,
+                                              "selection": {"threshold": 0.5, "top_per_class": 0}})
+    path = recipe(tmp_path / name, steps=3, checkpoint_every=3)
+    body = yaml.safe_load(path.read_text())
+    body["diffusion"]["labels"] = "pseudo"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_stage_2_never_reads_hidden_labels_and_follows_the_pseudo_labels(tmp_path):
+    """Permuting every hidden label leaves stage 2 bit-identical; shifting the pseudo-labels (or
+    dropping them below the selection threshold, to the null class) changes it."""
+    rng = random.Random(0)
+    hidden = [i % 4 for i in range(120)]
+    pseudo = {f"k{i:04d}": (rng.randrange(4), 0.9) for i in range(120)}
+    runs = {"base": (hidden, pseudo), "permuted": (rng.sample(hidden, len(hidden)), pseudo),
+            "shifted": (hidden, {k: ((c + 1) % 4, 0.9) for k, (c, _) in pseudo.items()}),
+            "unselected": (hidden, {k: (c, 0.3) for k, (c, _) in pseudo.items()})}
+    for name, (h, p) in runs.items():
+        (tmp_path / name).mkdir()
+        result = run_cli("-q", "train-diffusion", str(_pseudo_labelled_run(tmp_path, name, h, p)),
+                         "--set", "data.loader.workers=0")
+        assert result.returncode == 0, result.stderr[-3000:]
+    got = {name: losses(tmp_path / name / "run") for name in runs}
+    assert got["permuted"] == got["base"]
+    assert got["shifted"] != got["base"] and got["unselected"] != got["base"]
+    export = torch.load(tmp_path / "base" / "run" / "diffusion" / "weights.pt", weights_only=False)
+    assert export["labels"] == "pseudo"
+
+
+def test_stage_2_without_pseudo_labels_names_the_command(tmp_path):
+    path = recipe(tmp_path)
+    result = run_cli("-q", "train-diffusion", str(path), "--set", "diffusion.labels=pseudo")
+    assert_one_line_error(result, "no finished pseudo-labels", "dpt-scale pseudo-label")
