@@ -8,6 +8,8 @@ whole shards, so neither the number of ranks nor a restart can change an image's
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +61,10 @@ class GenerationPlan:
         u = float(torch.rand((), generator=generator, dtype=torch.float64))  # drawn in both modes: same noise
         if self.class_weights is None:
             return index % self.num_classes
-        total, cumulative = sum(self.class_weights), []
-        for w in self.class_weights:
-            cumulative.append((cumulative[-1] if cumulative else 0.0) + w / total)
-        return min(bisect.bisect_right(cumulative, u), self.num_classes - 1)
+        return min(bisect.bisect_right(self._cumulative, u), self.num_classes - 1)
+
+    @functools.cached_property
+    def _cumulative(self) -> list[float]:
+        """The class distribution's CDF, computed once per plan rather than once per image."""
+        total = sum(self.class_weights)
+        return [c / total for c in itertools.accumulate(self.class_weights)]
