@@ -14,12 +14,14 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from dpt_scale import preemption
 from dpt_scale.distributed import init_distributed
 from dpt_scale.engine.checkpoint import Checkpoints
 from dpt_scale.engine.dsconfig import deepspeed_config
@@ -54,6 +56,7 @@ class Trainer:
         self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, cfg.ema_warmup)
         self.checkpoints = Checkpoints(self.out / "checkpoints", cfg.keep_checkpoints)
         self.step, self.position = 0, (0, 0)  # position: (epoch, samples of it this rank has used)
+        self.stop = preemption.StopCheck(self.device)
         self._resume()
 
     def _resume(self) -> None:
@@ -76,7 +79,8 @@ class Trainer:
         metrics = Metrics(self.out, cfg.steps, self.step, enabled=self.rank == 0)
         batches = loader.batches(*self.position)
         tick, ticked = time.perf_counter(), self.step
-        try:
+        # preemption: a signal now waits for the end of the step (see dpt_scale/preemption.py)
+        with preemption.stop_points(), closing(metrics), closing(batches):
             while self.step < cfg.steps:
                 loss = torch.zeros((), device=self.device)
                 for _ in range(self.accum):
@@ -103,14 +107,16 @@ class Trainer:
                         hook(self, self.step)
                     _set_rng(rng)
                     paused = True
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                if saved:
                     self.save()
                     paused = True
+                if self.step < cfg.steps and self.stop.requested():  # every rank agrees
+                    if not saved:
+                        self.save()
+                    raise preemption.Preempted(f"stopped at step {self.step} and saved it, to be requeued")
                 if paused:  # images/s measures training, not sampling or saving
                     tick, ticked = time.perf_counter(), self.step
-        finally:
-            metrics.close()
-            batches.close()
         weights = self.out / "weights.pt"
         if self.rank == 0:
             export_weights(self.checkpoints.root, self.step, weights, self.export_extra)
