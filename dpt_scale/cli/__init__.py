@@ -54,7 +54,7 @@ def resolve_recipe(args: argparse.Namespace, preset: dict | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dpt_scale.cli import data, shards, stages  # noqa: F401  (importing registers their commands)
+    from dpt_scale.cli import data, shards, stages, submit  # noqa: F401  (importing registers their commands)
 
     # -q works before or after the subcommand: every parser knows it, the innermost given wins.
     quiet = _Parser(add_help=False)

@@ -1,0 +1,141 @@
+"""`dpt-scale submit RECIPE --stage STAGE ...`: a stage command as a SLURM job through submitit.
+
+One task per GPU; each task runs `dpt_scale.stage_job.StageJob`, i.e. `dpt-scale STAGE RECIPE
+--set ...` with its rank from SLURM. On preemption or time-out the job checkpoints, requeues itself
+and resumes (dpt_scale/preemption.py). `--dry-run` prints the sbatch script instead of submitting.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import shutil
+from pathlib import Path
+
+from dpt_scale.cli import COMMANDS, build_parser, command, recipe_arguments
+from dpt_scale.errors import UserError
+from dpt_scale.recipe import load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def stages() -> list[str]:
+    """Every command that runs one recipe (single words; `data ...` and `shards ...` are groups)."""
+    return [name for name in COMMANDS if " " not in name and name != "submit"]
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    recipe_arguments(p, required=True)
+    p.add_argument("--stage", required=True, help="the command each task runs: train-classifier, pseudo-label, "
+                   "encode, train-diffusion, sample, retrain, evaluate or run")
+    p.add_argument("--stage-args", default="", metavar='"ARGS"',
+                   help="more arguments of that command, e.g. --stage-args='--from sample' for run")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node; one task per GPU (default: 1)")
+    p.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node, or 1 without GPUs")
+    p.add_argument("--partition", help="default: the cluster's")
+    p.add_argument("--timeout-min", type=int, default=240, help="time limit of each run of the job (default: 240); "
+                   "at the limit it checkpoints and requeues")
+    p.add_argument("--cpus-per-task", type=int, help="default: data.loader.workers + 1")
+    p.add_argument("--mem-gb", type=float, help="memory per node (default: the cluster's)")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run before the tasks, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --slurm mail-type=END --slurm exclusive (repeatable)")
+    p.add_argument("--signal-delay-s", type=int, default=120,
+                   help="warning before the time limit, to finish the step and checkpoint (default: 120)")
+    p.add_argument("--max-timeouts", type=int, default=20,
+                   help="requeues after a time-out before giving up (default: 20; preemptions do not count)")
+    p.add_argument("--folder", help="submitit's scripts, pickles and logs (default: <out>/slurm)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.stage not in stages():
+        raise UserError(f"unknown stage {args.stage!r} for --stage; choose one of {', '.join(stages())}")
+    for flag, value, least in [("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
+                               ("--tasks-per-node", args.tasks_per_node, 1), ("--timeout-min", args.timeout_min, 1),
+                               ("--cpus-per-task", args.cpus_per_task, 1), ("--signal-delay-s", args.signal_delay_s, 0),
+                               ("--max-timeouts", args.max_timeouts, 0)]:
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value} is impossible; give at least {least}")
+    if args.mem_gb is not None and args.mem_gb <= 0:
+        raise UserError(f"--mem-gb {args.mem_gb:g} is impossible; give a positive number of GB")
+    if args.signal_delay_s >= 60 * args.timeout_min:
+        raise UserError(f"--signal-delay-s {args.signal_delay_s} leaves no time to run within --timeout-min "
+                        f"{args.timeout_min}; give a longer time limit or a shorter delay")
+
+
+def _extra_sbatch(items: list[str]) -> dict:
+    """--slurm KEY=VALUE (or a bare KEY for a flag) -> sbatch options, as submitit writes them."""
+    extra = {}
+    for item in items:
+        key, has_value, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not key:
+            raise UserError(f"--slurm {item!r} names no option; write --slurm KEY=VALUE, e.g. --slurm mail-type=END")
+        extra[key] = value if has_value else True
+    return extra
+
+
+def sbatch_parameters(args: argparse.Namespace, recipe) -> dict:
+    """submitit's SlurmExecutor parameters (sbatch's names) for these options."""
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    params = dict(job_name=f"dpt-{recipe.name}-{args.stage}", nodes=args.nodes, ntasks_per_node=tasks,
+                  gpus_per_node=args.gpus_per_node or None, time=args.timeout_min,
+                  cpus_per_task=args.cpus_per_task or recipe.data.loader.workers + 1,
+                  partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+                  mem=None if args.mem_gb is None else f"{args.mem_gb:g}GB",
+                  setup=args.setup or None, signal_delay_s=args.signal_delay_s,
+                  additional_parameters=_extra_sbatch(args.slurm) or None)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _executor(folder: Path, max_timeouts: int, dry_run: bool):
+    from submitit import SlurmExecutor
+
+    if dry_run:
+        class Renderer(SlurmExecutor):  # submitit's own executor, minus its check that srun exists
+            @classmethod
+            def affinity(cls) -> int:
+                return 2
+        return Renderer(folder, max_num_timeout=max_timeouts)
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} not found: submit from a SLURM login node, or add --dry-run "
+                        "to print the script")
+    return SlurmExecutor(folder, max_num_timeout=max_timeouts)
+
+
+@command("submit", "run a stage (or `run`) as a SLURM job through submitit; requeued on preemption and time-out",
+         _arguments)
+def submit(args: argparse.Namespace) -> None:
+    from dpt_scale.stage_job import StageJob
+
+    _check(args)
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, not on the cluster
+    job = StageJob(args.stage, str(Path(args.recipe).resolve()), args.overrides, shlex.split(args.stage_args))
+    build_parser().parse_args(job.argv())  # the stage's own arguments: argparse says what is wrong
+    folder = Path(args.folder or Path(recipe.out) / "slurm").resolve()
+    parameters = sbatch_parameters(args, recipe)
+    executor = _executor(folder, args.max_timeouts, args.dry_run)
+    try:
+        executor.update_parameters(**parameters)
+    except ValueError as exc:  # submitit checks the options by rendering them
+        raise UserError(f"sbatch options refused by submitit: {str(exc).splitlines()[0]}") from None
+    tasks = args.nodes * executor.parameters["ntasks_per_node"]
+    what = f"dpt-scale {shlex.join(job.argv())} in each of {tasks} tasks ({args.nodes} nodes)"
+    if args.dry_run:
+        print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run").rstrip("\n"))
+        log.info(f"dry run, nothing submitted: the job would run {what}")
+        return
+    try:
+        submitted = executor.submit(job)
+    except Exception as exc:  # sbatch's refusal comes back as submitit's FailedJobError, with its output
+        last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+        raise UserError(f"sbatch refused the job: {last[0].strip()}") from None
+    print(f"submitted job {submitted.job_id}: {what}")
+    print(f"logs: {submitted.paths.stdout} and .err (task 0); status: squeue -j {submitted.job_id}")
