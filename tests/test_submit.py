@@ -193,7 +193,7 @@ def test_launcher_scripts_are_executable_and_parse():
 
 def test_local_launcher_runs_two_processes(tiny_recipe, uninterrupted, tmp_path):
     _, reference = uninterrupted
-    env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
+    env = dict(os.environ, PYTHON=sys.executable)  # the script finds a free port itself
     result = subprocess.run([str(REPO / "launchers" / "local" / "run.sh"), "2", "train-diffusion", str(tiny_recipe),
                              "--set", f"out={tmp_path}/run", "-q"], env=env, capture_output=True, text=True,
                             timeout=300)

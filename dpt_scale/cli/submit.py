@@ -30,14 +30,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    "encode, train-diffusion, sample, retrain, evaluate or run")
     p.add_argument("--stage-args", default="", metavar='"ARGS"',
                    help="more arguments of that command, e.g. --stage-args='--from sample' for run")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node; one task per GPU (default: 1)")
-    p.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node, or 1 without GPUs")
-    p.add_argument("--partition", help="default: the cluster's")
-    p.add_argument("--timeout-min", type=int, default=240, help="time limit of each run of the job (default: 240); "
-                   "at the limit it checkpoints and requeues")
-    p.add_argument("--cpus-per-task", type=int, help="default: data.loader.workers + 1")
-    p.add_argument("--mem-gb", type=float, help="memory per node (default: the cluster's)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="default: 1")
+    p.add_argument("--gpus-per-node", type=int, default=1, metavar="G",
+                   help="GPUs per node; one task per GPU (default: 1)")
+    p.add_argument("--tasks-per-node", type=int, metavar="N", help="default: --gpus-per-node, or 1 without GPUs")
+    p.add_argument("--partition", metavar="P", help="default: the cluster's")
+    p.add_argument("--timeout-min", type=int, default=240, metavar="T",
+                   help="time limit of each run of the job (default: 240); at the limit it checkpoints and requeues")
+    p.add_argument("--cpus-per-task", type=int, metavar="N", help="default: data.loader.workers + 1")
+    p.add_argument("--mem-gb", type=float, metavar="GB", help="memory per node (default: the cluster's)")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")
@@ -45,11 +46,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="shell line run before the tasks, e.g. 'module load cuda' (repeatable)")
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch option, e.g. --slurm mail-type=END --slurm exclusive (repeatable)")
-    p.add_argument("--signal-delay-s", type=int, default=120,
+    p.add_argument("--signal-delay-s", type=int, default=120, metavar="S",
                    help="warning before the time limit, to finish the step and checkpoint (default: 120)")
-    p.add_argument("--max-timeouts", type=int, default=20,
+    p.add_argument("--max-timeouts", type=int, default=20, metavar="N",
                    help="requeues after a time-out before giving up (default: 20; preemptions do not count)")
-    p.add_argument("--folder", help="submitit's scripts, pickles and logs (default: <out>/slurm)")
+    p.add_argument("--folder", metavar="DIR", help="submitit's scripts, pickles and logs (default: <out>/slurm)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
 
 

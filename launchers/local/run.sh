@@ -11,6 +11,7 @@ shift 3
 python=${PYTHON:-python3}
 # torchrun would set 1 thread per process; share the cores instead (CPU runs are otherwise slow)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / procs > 0 ? $(nproc) / procs : 1 ))}
-port=${MASTER_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+port=${MASTER_PORT:-$("$python" -c "$free_port")}
 exec "$python" -m torch.distributed.run --nproc_per_node "$procs" --master_addr 127.0.0.1 --master_port "$port" \
     -m dpt_scale "$stage" "$recipe" "$@"
