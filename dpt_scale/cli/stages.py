@@ -46,3 +46,26 @@ _stage("retrain", "stage 4: the classifier again, on real plus pseudo images",
        "dpt_scale.stages.train_classifier:train_classifier", "retrain")
 _stage("evaluate", "metrics of the run so far: classifier top-1/top-5 and confusion; FID, KID, precision/recall and conditional accuracy of <out>/samples",
        "dpt_scale.stages.evaluate:summary")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    from dpt_scale.pipeline.stages import STAGES
+
+    recipe_arguments(p, required=True)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="start", metavar="STAGE", choices=list(STAGES),
+                       help=f"run STAGE and every later stage again ({', '.join(STAGES)})")
+    which.add_argument("--only", metavar="STAGE", choices=list(STAGES), help="run STAGE alone, again")
+    p.add_argument("--plan", action="store_true", help="print what would run, and why, then stop")
+
+
+@command("run", "the whole pipeline: import, subset, stage 1, pseudo-label, (encode), stage 2, sample, stage 4, "
+         "evaluate, then report.md; finished stages are skipped, interrupted ones resumed", _run_arguments)
+def run(args: argparse.Namespace) -> None:
+    from dpt_scale.pipeline.run import run_pipeline
+
+    if rank_and_world()[0] != 0:
+        args.quiet = True
+    report = run_pipeline(resolve_recipe(args), args.start, args.only, dry_run=args.plan)
+    if rank_and_world()[0] == 0 and not args.plan:
+        print(report)

@@ -1,0 +1,170 @@
+"""The end of `dpt-scale run`: <out>/report.md and <out>/report.json, figures in <out>/report/.
+
+Everything is read back from the files the stages wrote (markers, eval.json, the pseudo-label and
+shard manifests, metrics.jsonl, fid.jsonl, evaluation/metrics.json), so a report can be remade at
+any time and shows whatever the run holds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from dpt_scale.pipeline.markers import read_marker
+from dpt_scale.pipeline.stages import STAGES
+from dpt_scale.recipe import Recipe
+from dpt_scale.shards.manifest import MANIFEST, Manifest, write_json
+
+log = logging.getLogger(__name__)
+TRAINED = {"train-classifier": "classifier", "train-diffusion": "diffusion", "retrain": "retrain"}
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def _count(shard_set: Path) -> int | None:
+    return Manifest.load(shard_set).num_samples if (shard_set / MANIFEST).is_file() else None
+
+
+def results(recipe: Recipe) -> dict[str, dict]:
+    """Each stage's figures, from its outputs: {stage: {name: value}} (stages without outputs left out)."""
+    out, data = Path(recipe.out), Path(recipe.data_root)
+    found: dict[str, dict] = {}
+    counts = {split: _count(data / split) for split in ("train", "val")}
+    if counts["train"]:
+        found["import"] = {f"{split}_images": n for split, n in counts.items() if n is not None}
+    if (out / "labelled.txt").is_file():
+        keys = [k for k in (out / "labelled.txt").read_text().splitlines() if k and not k.startswith("#")]
+        found["subset"] = {"labelled_images": len(keys)}
+    for stage, sub in (("train-classifier", "classifier"), ("retrain", "retrain")):
+        scores = _json(out / sub / "eval.json")
+        if scores:
+            found[stage] = {"top1": scores["top1"], "top5": scores["top5"]}
+    labels = _json(out / "pseudo_labels" / MANIFEST)
+    if labels:
+        found["pseudo-label"] = {"agreement": labels.get("agreement"), "selected": labels["selection"]["selected"],
+                                 "mean_confidence": labels["mean_confidence"]}
+    fid = _jsonl(out / "diffusion" / "fid.jsonl")
+    losses = _jsonl(out / "diffusion" / "metrics.jsonl")
+    if losses:
+        found["train-diffusion"] = {"steps": losses[-1]["step"], "final_loss": losses[-1]["loss"],
+                                    **({"in_training_fid": fid[-1]["fid"]} if fid else {})}
+    if _count(out / "samples") is not None:
+        found["sample"] = {"images": _count(out / "samples")}
+    generation = (_json(out / "evaluation" / "metrics.json") or {}).get("generation")
+    if generation:
+        found["evaluate"] = {k: generation[k] for k in ("fid", "kid_mean", "precision", "recall",
+                                                         "conditional_accuracy", "evaluator")}
+    return found
+
+
+def headline(found: dict) -> dict:
+    get = lambda stage, key: found.get(stage, {}).get(key)  # noqa: E731
+    head = {"stage1_top1": get("train-classifier", "top1"), "stage4_top1": get("retrain", "top1"),
+            "fid": get("evaluate", "fid"), "conditional_accuracy": get("evaluate", "conditional_accuracy"),
+            "pseudo_label_agreement": get("pseudo-label", "agreement")}
+    if head["stage1_top1"] is not None and head["stage4_top1"] is not None:
+        head["stage4_gain"] = head["stage4_top1"] - head["stage1_top1"]
+    return head
+
+
+def write_report(recipe: Recipe) -> Path:
+    out = Path(recipe.out)
+    figures = out / "report"
+    figures.mkdir(parents=True, exist_ok=True)
+    found = results(recipe)
+    stages = []
+    for name, stage in STAGES.items():
+        marker = read_marker(recipe, name)
+        if marker is None and name not in found:
+            continue
+        stages.append({"stage": name, "summary": stage.summary, "state": (marker or {}).get("state", "no marker"),
+                       "wall_s": (marker or {}).get("wall_s"), "results": found.get(name, {})})
+    images = _figures(recipe, figures)
+    report = {"recipe": recipe.name, "out": str(out), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "headline": headline(found), "stages": stages, "figures": images}
+    write_json(out / "report.json", report, indent=1)
+    (out / "report.md").write_text(_markdown(report))
+    log.info(f"report: {out / 'report.md'}")
+    return out / "report.md"
+
+
+def _figures(recipe: Recipe, figures: Path) -> list[str]:
+    out, made = Path(recipe.out), []
+    curves = {stage: _jsonl(out / sub / "metrics.jsonl") for stage, sub in TRAINED.items()}
+    fid = _jsonl(out / "diffusion" / "fid.jsonl")
+    if any(curves.values()):
+        _plot_losses(curves, fid, figures / "losses.png")
+        made.append("report/losses.png")
+    grids = sorted((out / "diffusion" / "samples").glob("step-*.png"))
+    if grids:  # the last in-training grid: one row per class, EMA model
+        shutil.copyfile(grids[-1], figures / "diffusion-grid.png")
+        made.append("report/diffusion-grid.png")
+    if (out / "samples" / MANIFEST).is_file():
+        from dpt_scale.shards.grid import sample_grid
+
+        sample_grid(out / "samples", figures / "samples.png", per_class=10)
+        made.append("report/samples.png")
+    for sub in ("classifier", "retrain"):
+        if (out / sub / "confusion.png").is_file():
+            made.append(f"{sub}/confusion.png")
+    return made
+
+
+def _plot_losses(curves: dict[str, list[dict]], fid: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(stage, rows) for stage, rows in curves.items() if rows] + ([("in-training FID", fid)] if fid else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels):
+        key = "fid" if title == "in-training FID" else "loss"
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="." if len(rows) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def _markdown(report: dict) -> str:
+    head = report["headline"]
+    lines = [f"# DPT run report: {report['recipe']}", "", f"Outputs under `{report['out']}`, written "
+             f"{report['written']}.", "", "| | |", "|---|---|"]
+    names = {"stage1_top1": "stage-1 top-1", "stage4_top1": "stage-4 top-1", "stage4_gain": "stage 4 - stage 1",
+             "fid": "FID of the pseudo images", "conditional_accuracy": "conditional accuracy",
+             "pseudo_label_agreement": "pseudo-label agreement with true labels"}
+    lines += [f"| {names[k]} | {_fmt(v)} |" for k, v in head.items()]
+    if "stage4_gain" in head:
+        verdict = "beats" if head["stage4_gain"] > 0 else "does not beat"
+        lines += ["", f"Stage 4 {verdict} stage 1 ({_fmt(head['stage4_top1'])} vs {_fmt(head['stage1_top1'])})."]
+    lines += ["", "## Stages", "", "| stage | what | state | wall time | results |", "|---|---|---|---|---|"]
+    for s in report["stages"]:
+        wall = "-" if s["wall_s"] is None else f"{s['wall_s']:.0f} s"
+        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items())
+        lines.append(f"| {s['stage']} | {s['summary']} | {s['state']} | {wall} | {figures or '-'} |")
+    lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,139 @@
+"""The pipeline as a table: every stage `dpt-scale run` chains, what it reads and what it makes.
+
+A stage's completion marker holds a hash of its `parts` (the recipe keys its outputs depend on)
+and the ids of the stages it reads (`after`), so changing a key redoes exactly that stage and the
+ones downstream of it. Keys that change how fast a stage runs but never what it produces
+(`RUNTIME_KEYS`) are left out of every hash: more loader workers must not retrain a model.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpt_scale.recipe import Recipe
+
+# fnmatch patterns over dotted recipe keys
+RUNTIME_KEYS = ("data.import_workers", "data.loader.workers", "classifier.pseudo_label.batch",
+                "classifier.pseudo_label.workers", "*.log_every", "*.checkpoint_every", "*.keep_checkpoints",
+                "*.sample_every", "diffusion.fid_samples", "diffusion.model.attention",
+                "diffusion.model.grad_checkpointing", "diffusion.latent.encode_batch", "sample.decode_batch",
+                "sample.encode_threads", "evaluate.batch")
+# The order of the data stream (and so every trained model) depends on these loader keys.
+STREAM = ("seed", "data.loader.streams", "data.loader.shuffle_buffer", "data.loader.on_corrupt")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # as on the command line (`dpt-scale NAME RECIPE`, `run --from NAME`)
+    target: str  # "module:function", called as function(recipe, *args)
+    parts: tuple[str, ...]  # recipe keys the outputs depend on; "!key" leaves a key out
+    after: Callable[[Recipe], tuple[str, ...]]  # the stages whose outputs it reads
+    outputs: Callable[[Recipe], list[Path]]  # removed before the stage is redone
+    args: tuple = ()
+    when: Callable[[Recipe], bool] = lambda recipe: True  # noqa: E731
+    distributed: bool = True  # False: rank 0 runs it while the other ranks wait
+    summary: str = ""
+
+    def run(self, recipe: Recipe):
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)(recipe, *self.args)
+
+
+def _out(*names: str) -> Callable[[Recipe], list[Path]]:
+    return lambda recipe: [Path(recipe.out, name) for name in names]
+
+
+def _latent(recipe: Recipe) -> bool:
+    return bool(recipe.diffusion.latent.autoencoder)
+
+
+def _diffusion_inputs(recipe: Recipe) -> tuple[str, ...]:
+    return (("encode",) if _latent(recipe) else ("import",)) + \
+        (("pseudo-label",) if recipe.diffusion.labels == "pseudo" else ())
+
+
+def _sample_inputs(recipe: Recipe) -> tuple[str, ...]:
+    by_pseudo_labels = recipe.sample.total and recipe.sample.class_distribution == "pseudo_labels"
+    return ("train-diffusion",) + (("pseudo-label",) if by_pseudo_labels else ())
+
+
+def _in_data_root(*names: str) -> Callable[[Recipe], list[Path]]:
+    """A data root inside the run is the run's own, and a changed import replaces it; one outside
+    (shards shared between runs) is never removed from here: the importer names the difference."""
+    def paths(recipe: Recipe) -> list[Path]:
+        root = Path(recipe.data_root)
+        return [root / n for n in names] if root.resolve().is_relative_to(Path(recipe.out).resolve()) else []
+    return paths
+
+
+def _import(recipe: Recipe) -> dict:
+    from dpt_scale.data.importer import import_data
+
+    return {split: m.num_samples for split, m in import_data(recipe).items()}
+
+
+def _subset(recipe: Recipe) -> dict:
+    from dpt_scale.data.subset import make_subset, subset_path
+
+    keys, how = make_subset(recipe, Path(recipe.data_root) / "train", subset_path(recipe))
+    return {"labelled": len(keys), "how": how}
+
+
+IMPORT_KEYS = ("data.source", "data.paths", "data.val_paths", "data.val_fraction", "data.root", "data.image_size",
+               "data.channels", "data.format", "data.quality", "data.shard_samples", "data.shard_bytes", "data.seed")
+CLASSIFIER = ("classifier", "!classifier.pseudo_label", "!classifier.retrain")
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("import", "dpt_scale.pipeline.stages:_import", IMPORT_KEYS, lambda r: (),
+          _in_data_root("train", "val"), distributed=False, summary="images into train/val shard sets"),
+    Stage("subset", "dpt_scale.pipeline.stages:_subset", ("data.labelled",), lambda r: ("import",),
+          _out("labelled.txt"), distributed=False, summary="the labelled keys"),
+    Stage("train-classifier", "dpt_scale.stages.train_classifier:train_classifier", STREAM + CLASSIFIER,
+          lambda r: ("subset",), _out("classifier"), args=("stage1",), summary="stage 1"),
+    Stage("pseudo-label", "dpt_scale.stages.pseudo_label:pseudo_label", ("classifier.pseudo_label",),
+          lambda r: ("train-classifier",), _out("pseudo_labels"), summary="a label for every training image"),
+    Stage("encode", "dpt_scale.stages.encode:encode", ("diffusion.latent", "diffusion.flip"),
+          lambda r: ("import",), _in_data_root("latents"), when=_latent,
+          summary="autoencoder moments (latent recipes)"),
+    Stage("train-diffusion", "dpt_scale.stages.train_diffusion:train_diffusion", STREAM + ("diffusion",),
+          _diffusion_inputs, _out("diffusion"), summary="stage 2"),
+    Stage("sample", "dpt_scale.stages.sample:sample", ("seed", "sample"), _sample_inputs, _out("samples"),
+          summary="stage 3"),
+    Stage("retrain", "dpt_scale.stages.train_classifier:train_classifier", STREAM + CLASSIFIER + (
+          "classifier.retrain",), lambda r: ("subset", "sample"), _out("retrain"), args=("retrain",),
+          summary="stage 4"),
+    # The cached reference features in evaluation/cache stay: they depend on the real images only.
+    Stage("evaluate", "dpt_scale.stages.evaluate:summary", ("evaluate",),
+          lambda r: ("train-classifier", "retrain", "sample"), _out("evaluation/metrics.json"),
+          summary="top-1, FID, KID, precision/recall, conditional accuracy"),
+]}
+
+
+def parts_of(recipe: Recipe, stage: Stage) -> dict:
+    """The recipe values a stage's outputs depend on, as a flat {dotted key: value}."""
+    from dataclasses import asdict
+    from fnmatch import fnmatch
+
+    flat = _flatten(asdict(recipe))
+    keep = [p for p in stage.parts if not p.startswith("!")]
+    drop = [p[1:] for p in stage.parts if p.startswith("!")]
+
+    def under(key: str, prefix: str) -> bool:
+        return key == prefix or key.startswith(prefix + ".")
+
+    return {k: v for k, v in flat.items()
+            if any(under(k, p) for p in keep) and not any(under(k, p) for p in drop)
+            and not any(fnmatch(k, pattern) for pattern in RUNTIME_KEYS)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "deepspeed":  # a raw DeepSpeed block is one value
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
