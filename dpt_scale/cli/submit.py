@@ -128,7 +128,8 @@ def submit(args: argparse.Namespace) -> None:
     except ValueError as exc:  # submitit checks the options by rendering them
         raise UserError(f"sbatch options refused by submitit: {str(exc).splitlines()[0]}") from None
     tasks = args.nodes * executor.parameters["ntasks_per_node"]
-    what = f"dpt-scale {shlex.join(job.argv())} in each of {tasks} tasks ({args.nodes} nodes)"
+    nodes = f"{args.nodes} node" + "s" * (args.nodes > 1)
+    what = f"dpt-scale {shlex.join(job.argv())} in each of {tasks} tasks ({nodes})"
     if args.dry_run:
         print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run").rstrip("\n"))
         log.info(f"dry run, nothing submitted: the job would run {what}")
