@@ -44,17 +44,19 @@ class ImageClassifier(nn.Module):
 
     def __init__(self, name: str, num_classes: int, in_chans: int, img_size: int, mean: list[float],
                  std: list[float], pretrained: str | None = None, frozen_backbone: bool = False,
-                 input_size: int | None = None):
+                 input_size: int | None = None, crop_pct: float | None = None, model_kwargs: dict | None = None):
         super().__init__()
         self.input_size, self.frozen = input_size, frozen_backbone
-        size = input_size or img_size
+        self.crop = round(img_size * crop_pct) if crop_pct else None  # centre crop, before the resize
+        size = input_size or self.crop or img_size
+        model_kwargs = model_kwargs or {}
         if frozen_backbone:
-            self.net = build_classifier(name, 0, in_chans, size, pretrained, frozen_backbone=False)
+            self.net = build_classifier(name, 0, in_chans, size, pretrained, frozen_backbone=False, **model_kwargs)
             self.net.requires_grad_(False)
             self.head = nn.Linear(self.net.num_features, num_classes)
             self.register_buffer("feature_mean", torch.zeros(self.net.num_features))
         else:
-            self.net = build_classifier(name, num_classes, in_chans, size, pretrained)
+            self.net = build_classifier(name, num_classes, in_chans, size, pretrained, **model_kwargs)
             self.head = None
         self.register_buffer("mean", 255 * torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", 255 * torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -65,6 +67,9 @@ class ImageClassifier(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.to(self.mean.dtype) - self.mean) / self.std
+        if self.crop and x.shape[-1] != self.crop:
+            top, left = (x.shape[-2] - self.crop) // 2, (x.shape[-1] - self.crop) // 2
+            x = x[..., top:top + self.crop, left:left + self.crop]
         if self.input_size and x.shape[-1] != self.input_size:
             x = nn.functional.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", antialias=True,
                                           align_corners=False)

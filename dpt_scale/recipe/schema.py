@@ -128,6 +128,12 @@ class ClassifierModel:
     name: str = "resnet10t"
     pretrained: str | None = None  # a local timm weights file; nothing is downloaded
     input_size: int | None = field(default=None, metadata={"min": 1})  # resize images to this first
+    # Centre crop of this fraction of the side before the resize (timm's crop_pct; 0.875 = the usual
+    # 224-of-256 evaluation crop); none: the whole image.
+    crop_pct: float | None = field(default=None, metadata={"min": 0.05, "max": 1.0})
+    # Extra timm.create_model arguments, e.g. {patch_size: 7, final_norm: false} for an MSN ViT-L/7 on
+    # vit_large_patch16_224 (architectures timm has no name for).
+    kwargs: dict[str, Any] = field(default_factory=dict)
     # Pixel normalisation, per channel: default the pretrained weights' own, else 0.5 / 0.5.
     mean: list[float] | None = None
     std: list[float] | None = None

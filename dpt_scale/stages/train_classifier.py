@@ -55,7 +55,8 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
 
     mean, std = normalisation(cfg.model.name, cfg.model.pretrained, channels, cfg.model.mean, cfg.model.std)
     settings = dict(name=cfg.model.name, num_classes=manifest.num_classes, in_chans=channels, img_size=size,
-                    mean=mean, std=std, frozen_backbone=method.frozen_backbone, input_size=cfg.model.input_size)
+                    mean=mean, std=std, frozen_backbone=method.frozen_backbone, input_size=cfg.model.input_size,
+                    crop_pct=cfg.model.crop_pct, model_kwargs=cfg.model.kwargs)
     build = lambda: ImageClassifier(**settings, pretrained=cfg.model.pretrained)  # noqa: E731
     if method.frozen_backbone:  # linear probe: from here on, features stand in for images
         bank, pseudo = _features(recipe, build, bank, pseudo, out)
@@ -113,6 +114,8 @@ def _features(recipe: Recipe, build, bank: LabelledBank, pseudo: list, out: Path
     model = build().to(device).eval()
     cfg = recipe.classifier
     backbone = f"{cfg.model.name}:{cfg.model.pretrained}:{cfg.model.input_size}"
+    backbone += f":crop {cfg.model.crop_pct}" if cfg.model.crop_pct else ""
+    backbone += f":{cfg.model.kwargs}" if cfg.model.kwargs else ""
     bank = labelled_features(model, bank, out / "features" / "labelled", cfg.pseudo_label.batch, backbone)
     pseudo = [(shard_set_features(model, path, out / "features" / f"pseudo{k}", cfg.pseudo_label.batch,
                                   cfg.pseudo_label.workers, backbone), fraction)
