@@ -77,6 +77,16 @@ def test_deepspeed_batch_arithmetic_at_the_intended_world_sizes(path):
                 assert config["zero_optimization"]["stage"] == train.zero_stage
 
 
+@pytest.mark.parametrize("path", ALL, ids=name)
+def test_stage4_batches_keep_real_labelled_images(path):
+    """Stage 4 splits each labelled micro-batch by count (round(micro x fraction) pseudo images): a share
+    that rounds to the whole micro-batch would silently drop the real labels."""
+    recipe = load_recipe(path)
+    micro = (recipe.classifier.retrain.train or recipe.classifier.train).micro_batch
+    pseudo = sum(round(micro * f) for f in recipe.classifier.retrain.pseudo_fraction)
+    assert micro - pseudo >= 1, (micro, recipe.classifier.retrain.pseudo_fraction)
+
+
 @pytest.mark.parametrize("path", IMAGENET, ids=name)
 def test_imagenet_uvit_has_the_reference_size_on_4x32x32_latents(path):
     recipe = load_recipe(path)
@@ -119,6 +129,8 @@ def test_imagenet_recipes_differ_only_in_labels_and_model_size():
         assert r["data.labelled.per_class"] == k and r["data.labelled.list"] == f"assets/{LABELS[k][0]}"
         assert r["classifier.linear_probe.l2"] == pytest.approx(LABELS[k][1])
         assert r["classifier.retrain.pseudo_fraction"][0] == pytest.approx(128 / (128 + k), abs=1e-3)
+        micro = r["classifier.train.micro_batch"]  # k real images per 128 features, as the reference's mix
+        assert (micro, micro - round(micro * r["classifier.retrain.pseudo_fraction"][0])) == (128, k)
         assert r["out"] == f"runs/imagenet256/{stem}" and r["data.root"] == "runs/imagenet256/data"
 
 
