@@ -101,8 +101,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           _diffusion_inputs, _out("diffusion"), summary="stage 2"),
     Stage("sample", "dpt_scale.stages.sample:sample", ("seed", "sample"), _sample_inputs, _out("samples"),
           summary="stage 3"),
-    Stage("retrain", "dpt_scale.stages.train_classifier:train_classifier", STREAM + CLASSIFIER + (
-          "classifier.retrain",), lambda r: ("subset", "sample"), _out("retrain"), args=("retrain",),
+    Stage("retrain", "dpt_scale.stages.train_classifier:train_classifier", STREAM + (
+          "classifier", "!classifier.pseudo_label"), lambda r: ("subset", "sample"), _out("retrain"), args=("retrain",),
           summary="stage 4"),
     # The cached reference features in evaluation/cache stay: they depend on the real images only.
     Stage("evaluate", "dpt_scale.stages.evaluate:summary", ("evaluate",),
