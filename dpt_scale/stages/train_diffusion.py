@@ -39,6 +39,7 @@ from dpt_scale.stages.encode import MOMENTS, latent_set
 
 log = logging.getLogger(__name__)
 GRID_PER_CLASS = 8  # samples per class in the periodic grid
+GRID_CLASSES = 16  # rows at most: ImageNet's 1,000 classes would make an 8,000-image grid
 GRID_STEPS = 25
 
 
@@ -162,8 +163,9 @@ def train_diffusion(recipe: Recipe) -> Path:
     reference = {}  # the in-training FID's evaluator and reference features, fetched once
 
     def probe(trainer: Trainer, step: int) -> None:
-        """Every train.sample_every steps: a PNG grid of EMA samples, one row per class, and with
-        diffusion.fid_samples an in-training FID (+ conditional accuracy) appended to fid.jsonl."""
+        """Every train.sample_every steps: a PNG grid of EMA samples, one row per class (16 classes
+        at most, evenly spaced), and with diffusion.fid_samples an in-training FID (+ conditional
+        accuracy) appended to fid.jsonl."""
         ema = trainer.ema.full_state_dict()  # a collective under ZeRO-3: every rank takes part
         if cfg.fid_samples and not reference:
             reference["evaluator"], reference["features"] = reference_for(recipe, trainer.device)  # collective
@@ -171,7 +173,10 @@ def train_diffusion(recipe: Recipe) -> Path:
             model = build_uvit(**settings).to(trainer.device).eval()
             model.load_state_dict(ema)
             device, classes = trainer.device, manifest.num_classes
-            x = generate(model, torch.arange(classes, device=device).repeat_interleave(GRID_PER_CLASS), recipe.seed)
+            rows = torch.linspace(0, classes - 1, min(classes, GRID_CLASSES), device=device).round().long()
+            grid = rows.repeat_interleave(GRID_PER_CLASS)
+            x = torch.cat([generate(model, grid[i:i + recipe.sample.batch], recipe.seed + i)
+                           for i in range(0, len(grid), recipe.sample.batch)])
             (out / "samples").mkdir(parents=True, exist_ok=True)
             save_image((x.float() + 1) / 2, out / "samples" / f"step-{step:08d}.png", nrow=GRID_PER_CLASS)
             if cfg.fid_samples:
