@@ -166,5 +166,5 @@ def _markdown(report: dict) -> str:
         wall = "-" if s["wall_s"] is None else f"{s['wall_s']:.0f} s"
         figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items())
         lines.append(f"| {s['stage']} | {s['summary']} | {s['state']} | {wall} | {figures or '-'} |")
-    lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"
