@@ -98,7 +98,7 @@ def test_a_recipe_change_redoes_exactly_the_stages_downstream_of_it(finished_run
     assert redone(finished_run, "diffusion.train.lr=0.002") == {"train-diffusion", "sample", "retrain", "evaluate"}
     assert redone(finished_run, "classifier.pseudo_label.threshold=0.5") == {
         "pseudo-label", "train-diffusion", "sample", "retrain", "evaluate"}
-    assert redone(finished_run, "classifier.retrain.pseudo_fraction=[0.25]") == {"retrain", "evaluate"}
+    assert redone(finished_run, "classifier.retrain.pseudo_fraction=[0.4]") == {"retrain", "evaluate"}
     assert redone(finished_run, "data.labelled.seed=1") == set(ALL) - {"import"}
     # the oracle run does not read the pseudo-labels, so it does not wait for them
     assert actions(finished_run, "diffusion.labels=ground_truth")["pseudo-label"] == "skip"
