@@ -192,6 +192,24 @@ def test_retraining_mixes_real_and_pseudo_sets_in_the_recipes_proportions(tmp_pa
     assert real_keys <= set(bank.keys) and len(bank.keys) == 2 * CLASSES  # real: the labelled subset only
 
 
+def test_stage4_shares_that_round_a_source_away_are_refused(tmp_path):
+    from dpt_scale.errors import UserError
+    from dpt_scale.recipe import load_recipe
+    from dpt_scale.stages.train_classifier import _pseudo_sets
+
+    path = write_recipe(tmp_path)
+    pseudo_set(tmp_path / "gen", 20, "G")
+    train = Manifest.load(tmp_path / "data" / "train")
+    for shares in ("[0.97]", "[0.03]"):  # of 8: no real image left / no pseudo image taken
+        recipe = load_recipe(path, [f"classifier.retrain.pseudo=[{tmp_path}/gen]", "classifier.train.micro_batch=8",
+                                    f"classifier.retrain.pseudo_fraction={shares}"])
+        with pytest.raises(UserError, match="raise the micro_batch or change the shares"):
+            _pseudo_sets(recipe, train, 16)
+    recipe = load_recipe(path, [f"classifier.retrain.pseudo=[{tmp_path}/gen]", "classifier.train.micro_batch=8",
+                                "classifier.retrain.pseudo_fraction=[1.0]"])  # pseudo images only: asked for
+    assert len(_pseudo_sets(recipe, train, 16)) == 1
+
+
 def test_retrain_reports_top1_next_to_stage_one(tmp_path):
     path = write_recipe(tmp_path, method="supervised", train={"steps": 3})
     pseudo_set(tmp_path / "gen", 60, "G")

@@ -131,6 +131,13 @@ def _pseudo_sets(recipe: Recipe, manifest: Manifest, size: int) -> list[tuple[Pa
                         f"{len(paths)} pseudo shard set(s); give one per set")
     if sum(cfg.pseudo_fraction) > 1:
         raise UserError(f"classifier.retrain.pseudo_fraction {cfg.pseudo_fraction} adds up to more than 1")
+    micro = (cfg.train or recipe.classifier.train).micro_batch  # the shares are rounded to whole images
+    counts = [round(micro * f) for f in cfg.pseudo_fraction]
+    if any(f > 0 and n == 0 for f, n in zip(cfg.pseudo_fraction, counts)) or \
+            (sum(counts) == micro and sum(cfg.pseudo_fraction) < 1):
+        raise UserError(f"classifier.retrain.pseudo_fraction {cfg.pseudo_fraction} of a labelled micro-batch of "
+                        f"{micro} gives {counts} pseudo and {micro - sum(counts)} real images per step, dropping a "
+                        "source the recipe asks for; raise the micro_batch or change the shares")
     for path in paths:
         other = Manifest.load(path)
         if other.classes != manifest.classes:
