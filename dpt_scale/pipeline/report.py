@@ -18,6 +18,7 @@ from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest, write_json
 
 log = logging.getLogger(__name__)
+GRID_ROWS = 16  # classes shown one row each in the pseudo-image grid
 TRAINED = {"train-classifier": "classifier", "train-diffusion": "diffusion", "retrain": "retrain"}
 
 
@@ -62,8 +63,9 @@ def results(recipe: Recipe) -> dict[str, dict]:
     if losses:
         found["train-diffusion"] = {"steps": losses[-1]["step"], "final_loss": losses[-1]["loss"],
                                     **({"in_training_fid": fid[-1]["fid"]} if fid else {})}
-    if _count(out / "samples") is not None:
-        found["sample"] = {"images": _count(out / "samples")}
+    images = _count(out / "samples")
+    if images is not None:
+        found["sample"] = {"images": images}
     generation = (_json(out / "evaluation" / "metrics.json") or {}).get("generation")
     if generation:
         found["evaluate"] = {k: generation[k] for k in ("fid", "kid_mean", "precision", "recall",
@@ -113,10 +115,14 @@ def _figures(recipe: Recipe, figures: Path) -> list[str]:
     if grids:  # the last in-training grid: one row per class, EMA model
         shutil.copyfile(grids[-1], figures / "diffusion-grid.png")
         made.append("report/diffusion-grid.png")
-    if (out / "samples" / MANIFEST).is_file():
-        from dpt_scale.shards.grid import sample_grid
+    manifest, grid = out / "samples" / MANIFEST, figures / "samples.png"
+    if manifest.is_file():
+        if not grid.is_file() or grid.stat().st_mtime < manifest.stat().st_mtime:  # else: the same images
+            from dpt_scale.shards.grid import sample_grid
 
-        sample_grid(out / "samples", figures / "samples.png", per_class=10)
+            # one row per class where that fits on a page; ImageNet's 1,000 classes get a plain grid
+            few = Manifest.load(out / "samples").num_classes <= GRID_ROWS
+            sample_grid(out / "samples", grid, per_class=10 if few else None, n=64)
         made.append("report/samples.png")
     for sub in ("classifier", "retrain"):
         if (out / sub / "confusion.png").is_file():

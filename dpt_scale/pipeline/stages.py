@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 from dpt_scale.recipe import Recipe
@@ -113,9 +114,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 
 def parts_of(recipe: Recipe, stage: Stage) -> dict:
     """The recipe values a stage's outputs depend on, as a flat {dotted key: value}."""
-    from dataclasses import asdict
-    from fnmatch import fnmatch
-
     flat = _flatten(asdict(recipe))
     keep = [p for p in stage.parts if not p.startswith("!")]
     drop = [p[1:] for p in stage.parts if p.startswith("!")]
