@@ -31,33 +31,28 @@ from dpt_scale.models.classifier import ImageClassifier  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shards", required=True)
-    p.add_argument("--model", default="resnet10t")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--input-size", type=int, default=None, help="resize inside the model (e.g. 224 for a ViT-B)")
-    p.add_argument("--gpu", action="store_true", help="CUDA, bf16")
-    args = p.parse_args()
-    device = torch.device("cuda" if args.gpu else "cpu")
-    dtype = torch.bfloat16 if args.gpu else torch.float32
-    manifest = Manifest.load(args.shards)
+def throughput(shards: str | Path, model_name: str = "resnet10t", batch: int = 256, workers: int = 1,
+               repeats: int = 3, input_size: int | None = None, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32, crop_pct: float | None = None) -> dict:
+    """(a) the pseudo-label path and (b) the model alone over the shard set `shards`, alternating for
+    `repeats` rounds after one model-only warm-up; medians. `input_size` / `crop_pct`: the classifier's
+    resize / centre crop inside the model (ImageClassifier)."""
+    device = torch.device(device)
+    manifest = Manifest.load(shards)
     size, channels = manifest.image["size"][0], manifest.image["channels"]
-    model = ImageClassifier(args.model, manifest.num_classes, channels, size, [0.5] * channels, [0.5] * channels,
-                            input_size=args.input_size).to(device, dtype).eval()
-    shards = list(range(len(manifest.shards)))
+    model = ImageClassifier(model_name, manifest.num_classes, channels, size, [0.5] * channels, [0.5] * channels,
+                            input_size=input_size, crop_pct=crop_pct).to(device, dtype).eval()
+    indices = list(range(len(manifest.shards)))
     fn = lambda x: model(x).float().softmax(1)  # noqa: E731
 
     # The same batches the pseudo-label path forms (whole shards, cut into `batch`), decoded once.
-    batches = [b for part in map_shards(lambda x: x, args.shards, shards, args.batch, torch.device("cpu"), 0)
-               for b in part.outputs.split(args.batch)]
+    batches = [b for part in map_shards(lambda x: x, shards, indices, batch, torch.device("cpu"), 0)
+               for b in part.outputs.split(batch)]
     images = sum(len(b) for b in batches)
 
     def pipeline() -> float:
         start = time.perf_counter()
-        for _ in map_shards(fn, args.shards, shards, args.batch, device, args.workers):
+        for _ in map_shards(fn, shards, indices, batch, device, workers):
             pass
         sync()
         return images / (time.perf_counter() - start)
@@ -71,20 +66,35 @@ def main() -> None:
         return images / (time.perf_counter() - start)
 
     def sync():
-        if args.gpu:
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     model_only()  # warm-up (allocator, kernels)
     runs = {"pipeline": [], "model_only": []}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         runs["pipeline"].append(pipeline())
         runs["model_only"].append(model_only())
     medians = {k: statistics.median(v) for k, v in runs.items()}
-    print(json.dumps({"machine": machine(), "model": args.model, "images": images, "batch": args.batch,
-                      "workers": args.workers, "image": [channels, size, size], "dtype": str(dtype),
-                      "images_per_s": {k: round(v, 1) for k, v in medians.items()},
-                      "ratio": round(medians["pipeline"] / medians["model_only"], 3),
-                      "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()}}, indent=1))
+    return {"model": model_name, "images": images, "batch": batch, "workers": workers,
+            "image": [channels, size, size], "dtype": str(dtype),
+            "images_per_s": {k: round(v, 1) for k, v in medians.items()},
+            "ratio": round(medians["pipeline"] / medians["model_only"], 3),
+            "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", required=True)
+    p.add_argument("--model", default="resnet10t")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=None, help="resize inside the model (e.g. 224 for a ViT-B)")
+    p.add_argument("--gpu", action="store_true", help="CUDA, bf16")
+    args = p.parse_args()
+    result = throughput(args.shards, args.model, args.batch, args.workers, args.repeats, args.input_size,
+                        torch.device("cuda" if args.gpu else "cpu"), torch.bfloat16 if args.gpu else torch.float32)
+    print(json.dumps({"machine": machine(), **result}, indent=1))
 
 
 if __name__ == "__main__":

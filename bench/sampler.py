@@ -84,6 +84,32 @@ def _png(size: int, channels: int) -> bytes:
     return buf.getvalue()
 
 
+def model_loop(model, schedule, batches, shape: tuple[int, ...], steps: int, guidance: float, null_class: int,
+               device: torch.device, decode=None) -> dict:
+    """The sampler without its I/O: for each (labels, noise) of `batches` (noise drawn beforehand, on the
+    CPU), the project's solver loop (DPM-Solver++, guidance as `dpt-scale sample` applies it), then
+    `decode` (latents -> pixels) if given, then uint8 on the CPU, dropped. Returns the wall seconds and,
+    of those, the seconds spent decoding (timed between device synchronisations; 0 without decode)."""
+    decoding = 0.0
+    start = time.perf_counter()
+    for labels, noise in batches:
+        x = run_solver(model, schedule, labels.to(device), shape, steps, guidance, null_class=null_class,
+                       noise=noise.to(device))
+        if decode is not None:
+            _sync(device)
+            begin = time.perf_counter()
+            x = decode(x)
+            _sync(device)
+            decoding += time.perf_counter() - begin
+        to_uint8(x).cpu()
+    return {"seconds": time.perf_counter() - start, "decode_seconds": decoding}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def throughput(args) -> dict:
     from dpt_scale.stages.sample import sample
     from dpt_scale.stages.train_diffusion import load_diffusion
@@ -106,12 +132,8 @@ def throughput(args) -> dict:
         return args.images / (time.perf_counter() - start)
 
     def model_only() -> float:
-        start = time.perf_counter()
-        for labels, noise in batches:
-            x = run_solver(model, schedule, labels.to(device), shape, args.steps, args.guidance, null_class=CLASSES,
-                           noise=noise.to(device))
-            to_uint8(x).cpu()
-        return args.images / (time.perf_counter() - start)
+        return args.images / model_loop(model, schedule, batches, shape, args.steps, args.guidance, CLASSES,
+                                        device)["seconds"]
 
     model_only()  # warm-up (allocator, kernels, imports)
     runs = {"end_to_end": [], "model_only": []}
