@@ -3,6 +3,7 @@ with `@command`; this module only builds the parser and turns user errors into o
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -98,6 +99,27 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+# A full disk (or quota, or file-size limit) is the user's to fix, and every command resumes after it.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _lost_rank(exc: RuntimeError) -> str | None:
+    """The short reason when a collective failed because another rank went away, else None. gloo
+    raises a plain RuntimeError naming the socket error; NCCL a DistBackendError."""
+    from dpt_scale.distributed import rank_and_world
+
+    if rank_and_world()[1] < 2:
+        return None
+    dist = sys.modules.get("torch.distributed")
+    text = str(exc)
+    for reason in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused"):
+        if reason in text:
+            return reason.lower()
+    if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
+        return text.splitlines()[0][:160] if text else type(exc).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_drop_local_rank(sys.argv[1:] if argv is None else argv))
     handler = logging.StreamHandler(sys.stderr)
@@ -109,9 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        reason = _lost_rank(exc)
+        if reason is None:
+            raise
+        from dpt_scale.distributed import rank_and_world
+
+        rank, world = rank_and_world()
+        print(f"error: rank {rank} of {world} lost contact with another rank ({reason}): a rank died or was killed "
+              "(see its log); run the same command again and it resumes from the last checkpoint", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `dpt-scale shards ls DIR | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: {os.strerror(exc.errno)}{where}: free space (or point the output elsewhere) and run the "
+              "same command again; finished shards and checkpoints are kept and it resumes", file=sys.stderr)
         return 1

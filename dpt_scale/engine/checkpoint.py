@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +40,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def saving(path: Path):
+    """torch.save reports a full disk (or quota, or file-size limit) as an opaque RuntimeError from
+    its zip writer ("unexpected pos", "file write failed"); say what it is, in one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not any(s in str(exc) for s in ("unexpected pos", "file write failed")):
+            raise
+        raise UserError(f"could not finish writing {path}: the disk is full, or a quota or file-size limit was "
+                        "reached; free space and run the same command again (it resumes from the last complete "
+                        "checkpoint)") from exc
+
+
 class Checkpoints:
     def __init__(self, root: str | Path, keep: int = 2):
         self.root, self.keep = Path(root), keep
@@ -47,9 +62,10 @@ class Checkpoints:
         """Every rank calls this; `state` is this rank's own part (EMA shard, RNG, data position)."""
         rank, world = dist.get_rank(), dist.get_world_size()
         tag = tag_of(step)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
         path = self.root / tag / f"dpt_rank{rank:05d}.pt"
-        torch.save({**state, "step": step, "world_size": world}, path.with_name(path.name + ".tmp"))
+        with saving(self.root):
+            engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+            torch.save({**state, "step": step, "world_size": world}, path.with_name(path.name + ".tmp"))
         os.replace(path.with_name(path.name + ".tmp"), path)
         dist.barrier()  # every rank has written all of its files
         if rank == 0:

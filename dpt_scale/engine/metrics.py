@@ -4,6 +4,7 @@ to the checkpoint, so it always reads as one run."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,7 +27,8 @@ class Metrics:
             self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is optional
             pass
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1)
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1,
+                        disable=not logging.getLogger().isEnabledFor(logging.INFO))  # -q: no bar
 
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:

@@ -62,7 +62,8 @@ def sample(recipe: Recipe) -> Path:
     left = sum(len(plan.shard_indices(s)) for s in todo)
     if left < mine:
         log.info(f"rank {rank}: {mine - left} of {mine} images already generated; resuming")
-    bar = tqdm(total=left, unit="img", desc=f"sample (rank 0 of {world})", disable=rank != 0, smoothing=0.05)
+    bar = tqdm(total=left, unit="img", desc=f"sample (rank 0 of {world})", smoothing=0.05,
+               disable=rank != 0 or not logging.getLogger().isEnabledFor(logging.INFO))  # -q: no bar
     with BackgroundShardWriter(out, cfg.format, cfg.quality, cfg.encode_threads) as writer:
         for s in todo:
             histogram = [0] * len(classes)

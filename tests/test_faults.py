@@ -1,0 +1,86 @@
+"""Faults a cluster job meets: a full disk and a rank that dies. The full-matrix version, with a real
+full disk (tmpfs) and five kills per command, is bench/faults.py; here a file-size limit stands in
+for the full disk, since CI cannot mount one."""
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from dpt_scale.shards.manifest import Manifest
+from helpers import REPO, assert_one_line_error, make_shard_set, run_cli
+
+
+def limited(max_bytes: int):
+    """preexec_fn: no file may grow past max_bytes (writes fail with EFBIG, as on a full disk)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+def cli(*args, max_bytes=None, **popen):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "dpt_scale", "-q", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600,
+                          preexec_fn=limited(max_bytes) if max_bytes else None, **popen)
+
+
+def test_a_full_disk_while_importing_is_one_line_and_the_rerun_ends_as_a_clean_import(tmp_path):
+    clean, full = tmp_path / "clean", tmp_path / "full"
+    assert cli("data", "import", "mnist", "--out", clean).returncode == 0
+    result = cli("data", "import", "mnist", "--out", full, max_bytes=1_000_000)  # a shard is ~2 MB
+    assert_one_line_error(result, "File too large", "free space", "run the same command again")
+    assert not (full / "train" / "manifest.json").exists()
+    assert not list((full / "train").glob("*.tar")), "no shard may appear under its final name half-written"
+    assert cli("data", "import", "mnist", "--out", full).returncode == 0
+    for split in ("train", "val"):
+        assert [s.sha256 for s in Manifest.load(full / split).shards] == \
+            [s.sha256 for s in Manifest.load(clean / split).shards]
+    assert not list(full.rglob("*.tmp"))
+
+
+def tiny_recipe(tmp_path, **train):
+    make_shard_set(tmp_path / "data" / "train", [60, 60, 60, 60])
+    body = {"name": "faults", "out": str(tmp_path / "run"), "seed": 0, "data": {"root": str(tmp_path / "data")},
+            "diffusion": {"model": {"size": "tiny", "patch_size": 2}, "labels": "ground_truth",
+                          "train": {"steps": 200, "micro_batch": 8, "log_every": 1, "sample_every": 0, **train}}}
+    path = tmp_path / "faults.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_training_resumes(tmp_path):
+    path = tiny_recipe(tmp_path, steps=6, checkpoint_every=3)
+    result = cli("train-diffusion", path, max_bytes=20_000)  # the optimizer state alone is larger
+    assert_one_line_error(result, "could not finish writing", "free space", "run the same command again")
+    assert cli("train-diffusion", path).returncode == 0
+    assert (tmp_path / "run" / "diffusion" / "weights.pt").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_that_dies_stops_the_other_with_one_line_within_seconds(tmp_path):
+    """Ranks started one process each, as SLURM does: nothing but the process group links them."""
+    path = tiny_recipe(tmp_path)
+    port = str(__import__("helpers").free_port())
+    ranks = [subprocess.Popen([sys.executable, "-m", "dpt_scale", "-q", "train-diffusion", str(path)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="1"))
+             for r in range(2)]
+    metrics = tmp_path / "run" / "diffusion" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    assert ranks[0].poll() is None, ranks[0].stderr.read()
+    ranks[1].kill()
+    killed = time.time()
+    _, stderr = ranks[0].communicate(timeout=120)
+    assert time.time() - killed < 60
+    error = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert ranks[0].returncode not in (0, None) and "Traceback" not in stderr, stderr[-2000:]
+    assert len(error) == 1 and "lost contact with another rank" in error[0] and "resumes" in error[0], stderr[-2000:]
