@@ -2,20 +2,21 @@
 
 torchrun and the `deepspeed` launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
 a plain `python` run has none of them and becomes a one-process job on a free local port.
+torch is imported only to join a process group: the CLI asks for the rank before any stage runs,
+and a bad recipe should be reported before the seconds torch takes to import.
 """
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import warnings
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
-
 
 def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # no process group exists before torch is imported
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -29,6 +30,9 @@ def free_port() -> int:
 def init_distributed(timeout_s: float = 1800) -> tuple[int, int, torch.device]:
     """Join (or, for a plain `python` run, create) the process group; returns rank, world size and
     this process's device (its local GPU, else the CPU)."""
+    import torch
+    import torch.distributed as dist
+
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))

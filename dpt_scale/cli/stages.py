@@ -24,8 +24,9 @@ def _stage(name: str, help: str, target: str, *extra) -> None:
     def run(args: argparse.Namespace) -> None:
         if rank_and_world()[0] != 0:  # every rank resolves the recipe; one prints it
             args.quiet = True
+        recipe = resolve_recipe(args)  # a bad recipe is reported before the stage's slow imports
         module, function = target.split(":")
-        result = getattr(importlib.import_module(module), function)(resolve_recipe(args), *extra)
+        result = getattr(importlib.import_module(module), function)(recipe, *extra)
         if rank_and_world()[0] == 0:
             print(result if isinstance(result, (str, Path)) else json.dumps(result))
 
@@ -62,10 +63,11 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 @command("run", "the whole pipeline: import, subset, stage 1, pseudo-label, (encode), stage 2, sample, stage 4, "
          "evaluate, then report.md; finished stages are skipped, interrupted ones resumed", _run_arguments)
 def run(args: argparse.Namespace) -> None:
-    from dpt_scale.pipeline.run import run_pipeline
-
     if rank_and_world()[0] != 0:
         args.quiet = True
-    report = run_pipeline(resolve_recipe(args), args.start, args.only, dry_run=args.plan)
+    recipe = resolve_recipe(args)  # a bad recipe is reported before torch is imported
+    from dpt_scale.pipeline.run import run_pipeline
+
+    report = run_pipeline(recipe, args.start, args.only, dry_run=args.plan)
     if rank_and_world()[0] == 0 and not args.plan:
         print(report)
