@@ -19,7 +19,7 @@ import torch
 
 from dpt_scale.data.subset import read_list
 from dpt_scale.errors import ShardError, UserError
-from dpt_scale.shards.decode import decode_image
+from dpt_scale.shards.decode import ImageDecodeError, decode_image
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
 
@@ -42,7 +42,13 @@ class LabelledBank:
                 sample = next(iter_samples(path, i, i + 1, fields=frozenset({field, "cls"}), seek=(i, offset)))
                 if "cls" not in sample:
                     raise UserError(f"labelled key {key} has no label in {path}; the subset must name labelled images")
-                found[key] = (decode_image(sample[field], manifest.image["channels"]).contiguous(), int(sample["cls"]))
+                try:
+                    image = decode_image(sample[field], manifest.image["channels"]).contiguous()
+                except (KeyError, ImageDecodeError) as exc:
+                    problem = f"has no .{field} member" if isinstance(exc, KeyError) else f"does not decode ({exc})"
+                    raise ShardError(f"{path}: labelled sample '{key}' {problem}; run `dpt-scale shards verify "
+                                     f"{shard_dir}`, then restore or re-import the set") from None
+                found[key] = (image, int(sample["cls"]))
         missing = sorted(wanted - found.keys())
         if missing:
             raise UserError(f"{subset_file}: {len(missing)} key(s) are not in {shard_dir}, e.g. {missing[:3]}; "

@@ -12,23 +12,51 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from dpt_scale.errors import UserError
+from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
 
 
 def read_labels(shard_dir: str | Path) -> dict[str, int]:
-    """key -> class of every sample of a shard set (only the small `cls` members are copied)."""
+    """key -> class of every sample of a shard set (only the small `cls` members are copied). Every
+    key is walked, so this is also where a set too broken to draw a subset from is refused: empty,
+    damaged, not as its manifest says, or holding a key twice (labels are joined by key)."""
     shard_dir = Path(shard_dir)
     manifest = Manifest.load(shard_dir)
-    labels = {}
+    if manifest.num_samples == 0:
+        raise ShardError(f"{shard_dir} is an empty shard set (0 samples); import images into it "
+                         "(`dpt-scale data import`) or name another set")
+    fix = f"run `dpt-scale shards verify {shard_dir}` to list every fault, then restore or re-import the set"
+    labels, seen = {}, {}
     for entry in manifest.shards:
-        for sample in iter_samples(shard_dir / entry.name, fields=frozenset({"cls"})):
+        count = 0
+        for sample in _labels_of(shard_dir / entry.name, fix):
+            key, count = sample["__key__"], count + 1
+            if key in seen:
+                raise ShardError(f"{shard_dir}: key '{key}' is in both {seen[key]} and {entry.name}, but keys "
+                                 f"must be unique; {fix}")
+            seen[key] = entry.name
             if "cls" in sample:
-                labels[sample["__key__"]] = int(sample["cls"])
+                try:
+                    labels[key] = int(sample["cls"])
+                except ValueError:
+                    raise ShardError(f"{shard_dir / entry.name}: member '{key}.cls' is not a class index; "
+                                     f"{fix}") from None
+        if count != entry.samples:
+            raise ShardError(f"{shard_dir / entry.name} holds {count} samples but the manifest lists "
+                             f"{entry.samples}: the manifest does not match its shards; {fix}")
     if not labels:
-        raise UserError(f"{shard_dir}: no sample carries a label (cls), so no labelled subset can be drawn")
+        raise UserError(f"{shard_dir}: no sample carries a label (cls), so no labelled subset can be drawn; "
+                        "import the images with their labels (class folders, an IDX labels file)")
     return labels
+
+
+def _labels_of(path: Path, fix: str):
+    """The samples of one shard with only their `cls` member; a missing or damaged shard names the fix."""
+    try:
+        yield from iter_samples(path, fields=frozenset({"cls"}))
+    except ShardError as exc:
+        raise ShardError(f"{exc}; {fix}") from None
 
 
 def per_class_subset(labels: dict[str, int], classes: list[str], per_class: int, seed: int) -> list[str]:
@@ -79,7 +107,8 @@ def subset_from_list(labels: dict[str, int], names: list[str]) -> list[str]:
 def read_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"list file not found: {path}")
+        raise UserError(f"list file not found: {path} (--from-list / data.labelled.list: a text file of keys "
+                        "or file names, one per line)")
     names = [line.strip() for line in path.read_text().splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:

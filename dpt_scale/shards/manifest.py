@@ -52,9 +52,15 @@ class Manifest:
 
     def square_size(self, directory: str | os.PathLike, purpose: str) -> int:
         """The side of the set's images, which must all be square and of one size for `purpose`."""
-        size = self.image and self.image["size"]
+        if self.num_samples == 0:
+            raise ShardError(f"{purpose} needs images, but {directory} is an empty shard set (0 samples); import "
+                             "images into it (`dpt-scale data import`) or use another set")
+        if self.image is None:
+            raise ShardError(f"{purpose} needs images, but the samples of {directory} have no image member "
+                             f"({', '.join(IMAGE_FIELDS)}); make the set with `dpt-scale data import`")
+        size = self.image["size"]
         if not size or size[0] != size[1]:
-            found = size or (self.image and [self.image["min_size"], self.image["max_size"]])
+            found = size or [self.image["min_size"], self.image["max_size"]]
             raise ShardError(f"{purpose} needs square images of one size; {directory} holds {found} "
                              "(import with --image-size)")
         return size[0]
