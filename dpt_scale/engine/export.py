@@ -52,3 +52,20 @@ def weights_identity(path: str | Path) -> str:
     """A short checksum naming an exported weights file, recorded by whatever is derived from it."""
     with open(path, "rb") as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def load_export(path: str | Path, kind: str, fix: str) -> dict:
+    """An exported weights file of `kind` ("classifier", "diffusion"), as a dict; a missing file, one
+    that is not a checkpoint or one of another model is a one-line error ending with `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{kind} weights not found: {path} ({fix})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
+        raise UserError(f"{path} is not a readable weights file ({type(exc).__name__}); {fix}") from None
+    found = payload.get("kind") if isinstance(payload, dict) else None
+    if found != kind:
+        what = f"a {found} model" if found else "something else"
+        raise UserError(f"{path} is not a {kind} model export (it holds {what}); {fix}")
+    return payload

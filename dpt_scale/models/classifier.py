@@ -3,6 +3,9 @@ optionally with its backbone frozen so that only a new linear head trains."""
 from __future__ import annotations
 
 import difflib
+import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -10,6 +13,8 @@ import torch
 from torch import nn
 
 from dpt_scale.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: int | None = None,
@@ -21,18 +26,79 @@ def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: i
         raise UserError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     if pretrained is not None and not Path(pretrained).is_file():
         raise UserError(f"pretrained weights not found: {pretrained} (a local file; nothing is downloaded)")
+    file_keys = _weight_names(pretrained) if pretrained else set()
     args = dict(pretrained=pretrained is not None, num_classes=num_classes, in_chans=in_chans,
                 pretrained_cfg_overlay=dict(file=str(pretrained)) if pretrained else None, **kwargs)
     try:
-        model = timm.create_model(name, **args, **({"img_size": img_size} if img_size else {}))
-    except TypeError as exc:  # a convnet: no img_size argument
-        if img_size is None or "img_size" not in str(exc):
+        with _quiet(logging.getLogger("timm.models._builder")):  # its key lists: _check_fit says it in one line
+            model = _create(name, img_size, args)
+    except RuntimeError as exc:  # load_state_dict: tensors of the same name and another shape
+        if pretrained is None or "state_dict" not in str(exc):
             raise
-        model = timm.create_model(name, **args)
+        shapes = re.findall(r"size mismatch for ([^:]+):", str(exc))
+        problem = f"{len(shapes)} tensor(s) differ in shape (e.g. '{shapes[0]}')" if shapes else \
+            str(exc).strip().splitlines()[0]
+        raise _unfit(name, pretrained, problem) from None
+    if pretrained:
+        _check_fit(model, file_keys, name, pretrained)
     if frozen_backbone:
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
     return model
+
+
+def _create(name: str, img_size: int | None, args: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, **args, **({"img_size": img_size} if img_size else {}))
+    except TypeError as exc:  # a convnet: no img_size argument
+        if img_size is None or "img_size" not in str(exc):
+            raise
+        return timm.create_model(name, **args)
+
+
+def _weight_names(path: str) -> set[str]:
+    """The tensor names in a local weights file, as timm reads them (unwrapped, `module.` removed)."""
+    try:
+        return set(timm.models.load_state_dict(path))
+    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
+        raise UserError(f"pretrained weights {path} do not load as a state_dict ({type(exc).__name__}); give a "
+                        "file saved with torch.save(model.state_dict(), ...)") from None
+
+
+def _check_fit(model: nn.Module, file_keys: set[str], name: str, path: str) -> None:
+    """timm loads a local file non-strictly (the head is replaced), so weights of another architecture
+    would load silently and leave the backbone random: every backbone tensor must come from the file.
+    Tensors of the file the model has no place for are allowed (e.g. a final norm left out by kwargs)."""
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+
+    def backbone(keys) -> set[str]:
+        return {k for k in keys if not k.startswith(heads) and not k.endswith("num_batches_tracked")}
+
+    ours = backbone(model.state_dict())
+    missing, unexpected = sorted(ours - file_keys), sorted(backbone(file_keys) - ours)
+    if missing:
+        raise _unfit(name, path, f"{len(missing)} of its {len(ours)} backbone tensors are missing from the file "
+                                 f"and {len(unexpected)} of the file's are unexpected (e.g. '{missing[0]}')")
+    if unexpected:
+        log.warning(f"pretrained weights {path}: {len(unexpected)} tensor(s) of the file have no place in {name} "
+                    f"and are left out (e.g. '{unexpected[0]}')")
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    """Only errors from `logger` while inside."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _unfit(name: str, path: str, problem: str) -> UserError:
+    return UserError(f"pretrained weights {path} do not fit timm's {name}: {problem}; give weights of this "
+                     "architecture in timm's key names, or set classifier.model.name (and .kwargs) to the file's")
 
 
 class ImageClassifier(nn.Module):
@@ -86,12 +152,9 @@ class ImageClassifier(nn.Module):
 def load_classifier(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> ImageClassifier:
     """A classifier exported by train-classifier or retrain (`weights.pt`), with its EMA weights
     by default (BatchNorm statistics come from the trained model, as the EMA keeps parameters)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"classifier weights not found: {path} (run `dpt-scale train-classifier` first)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("kind") != "classifier":
-        raise UserError(f"{path} is not a classifier export (it holds a {payload.get('kind', 'diffusion')} model)")
+    from dpt_scale.engine.export import load_export
+
+    payload = load_export(path, "classifier", "run `dpt-scale train-classifier` first, which makes it")
     model = ImageClassifier(**{**payload["settings"], "pretrained": None})
     state = dict(payload["weights"])
     if ema:
