@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
+import yaml
 
 from dpt_scale.distributed import rank_and_world
-from dpt_scale.errors import UserError
-from dpt_scale.pipeline.markers import parts_hash, read_marker, write_marker
+from dpt_scale.errors import UserError, check_writable
+from dpt_scale.pipeline.markers import MARKERS, parts_hash, read_marker, write_marker
 from dpt_scale.pipeline.stages import STAGES, Stage, parts_of
 from dpt_scale.recipe import Recipe, save_recipe
 
@@ -110,6 +111,7 @@ def run_pipeline(recipe: Recipe, start: str | None = None, only: str | None = No
         from dpt_scale.distributed import init_distributed
 
         init_distributed()
+    check_out(recipe)
     steps = plan(recipe, start, only)
     if rank == 0:
         print(plan_table(steps), flush=True)
@@ -142,6 +144,35 @@ def run_pipeline(recipe: Recipe, start: str | None = None, only: str | None = No
         report = write_report(recipe)
     _barrier(world)
     return report
+
+
+# What a run folder holds besides the stages' outputs.
+RUN_FILES = (MARKERS, "recipe.yaml", "report", "report.md", "report.json", "slurm", "labelled.recipe.yaml")
+
+
+def check_out(recipe: Recipe) -> None:
+    """`out` must be new, empty, or this run's: in a folder holding another recipe's run, that run's
+    stages would be redone (their outputs removed first), and a folder of unrelated files is most
+    likely a mistyped path. A run is another one when the recipe it saved has another `name`."""
+    out = Path(recipe.out)
+    check_writable(out, "pass --set out=DIR")
+    if not out.is_dir():
+        return
+    saved = out / "recipe.yaml"
+    if saved.is_file():
+        try:
+            other = (yaml.safe_load(saved.read_text()) or {}).get("name")
+        except (yaml.YAMLError, AttributeError):
+            other = None
+        if other != recipe.name:
+            raise UserError(f"{out} holds another run ({saved} names {other!r}, this recipe {recipe.name!r}); "
+                            f"pass another --set out=DIR, or remove {out} to start over")
+    ours = set(RUN_FILES) | {p.relative_to(out).parts[0] for stage in STAGES.values()
+                             for p in stage.outputs(recipe) if p.is_relative_to(out)}
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if entries and not ours & set(entries):
+        raise UserError(f"{out} holds files that are not a dpt-scale run ({', '.join(entries[:3])}"
+                        f"{', ...' if len(entries) > 3 else ''}); pass another --set out=DIR, or empty it")
 
 
 def _record(recipe: Recipe, step: Step) -> dict:
