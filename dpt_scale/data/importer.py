@@ -24,7 +24,7 @@ from tqdm import tqdm
 import dpt_scale
 from dpt_scale.data.images import EncodeSettings, Unreadable, encode_array, encode_file
 from dpt_scale.data.sources import SOURCES, Source
-from dpt_scale.errors import UserError
+from dpt_scale.errors import UserError, check_writable
 from dpt_scale.recipe.schema import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest
 from dpt_scale.shards.writer import SetStats, ShardSetWriter
@@ -35,6 +35,7 @@ UNREADABLE_LIST = "unreadable.txt"
 
 def import_data(recipe: Recipe, force: bool = False) -> dict[str, Manifest]:
     cfg = recipe.data
+    check_writable(recipe.data_root, "pass --out DIR (data.root)")
     source = SOURCES[cfg.source](cfg)
     for note in source.notes:
         log.warning(note)
@@ -61,6 +62,24 @@ def import_data(recipe: Recipe, force: bool = False) -> dict[str, Manifest]:
         log.warning(f"{cfg.source} source gave no validation images: only {Path(recipe.data_root) / 'train'} was "
                     "written (name a val tree with --val, or hold some out with --val-fraction)")
     return manifests
+
+
+def check_settings(recipe: Recipe, directory: Path, manifest: Manifest) -> None:
+    """A stage reading <data.root>/SPLIT gets the images the recipe's import settings describe
+    (data.channels and data.image_size, where the recipe sets them), or stops: a data root shared with,
+    or imported by, another recipe would otherwise train a model of another shape without a word."""
+    image, cfg = manifest.image, recipe.data
+    if image is None:  # no images at all: the stage's own check names that
+        return
+    differ = []
+    if cfg.channels is not None and cfg.channels != image["channels"]:
+        differ.append(f"data.channels: {cfg.channels} but the images are {image['channels']}-channel")
+    if cfg.image_size is not None and image["size"] != [cfg.image_size] * 2:
+        size = "x".join(map(str, image["size"])) if image["size"] else "of several sizes"
+        differ.append(f"data.image_size: {cfg.image_size} but the images are {size}")
+    if differ:
+        raise UserError(f"{directory} does not hold the images the recipe describes ({'; '.join(differ)}); "
+                        "re-import with `dpt-scale data import --recipe RECIPE --force`, or change the recipe")
 
 
 def _hold_out(items: list[tuple], fraction: float) -> dict[str, list[tuple]]:

@@ -43,8 +43,9 @@ def evaluate_run(recipe: Recipe) -> dict:
 
         results["generation"] = generation_metrics(recipe, samples, device)
     if not results:
-        raise UserError(f"nothing to evaluate under {recipe.out}: no classifier weights and no validation "
-                        "shards (run `dpt-scale train-classifier` first)")
+        raise UserError(f"nothing to evaluate under {recipe.out}: no classifier weights with validation shards "
+                        f"to score them on, and no pseudo images in {samples} (run `dpt-scale train-classifier` "
+                        "first)")
     if rank == 0:
         save_recipe(recipe, out / "recipe.yaml")
         (out / "metrics.json").write_text(json.dumps(results, indent=1))

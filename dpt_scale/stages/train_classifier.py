@@ -21,6 +21,7 @@ from dpt_scale.classification import METHODS
 from dpt_scale.classification.evaluate import evaluate_classifier, save_confusion_png
 from dpt_scale.classification.mixture import BankSource, Mixture, ShardSource
 from dpt_scale.data.augment import weak, weak_and_strong
+from dpt_scale.data.importer import check_settings
 from dpt_scale.data.labelled import LabelledBank
 from dpt_scale.data.subset import make_subset, subset_path
 from dpt_scale.errors import UserError
@@ -42,6 +43,7 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
     train_dir = Path(recipe.data_root) / "train"
     manifest = Manifest.load(train_dir)
     size = manifest.square_size(train_dir, "classifier training")
+    check_settings(recipe, train_dir, manifest)
     channels = manifest.image["channels"]
     subset = subset_path(recipe)
     if not subset.is_file():  # every rank draws the same keys; the file is replaced atomically
@@ -71,10 +73,10 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
     trainer = Trainer(train_cfg, out, model_fn=model_fn, loss_fn=method.loss, seed=recipe.seed,
                       export_extra={"kind": "classifier", "settings": settings, "classes": manifest.classes,
                                     "method": cfg.method, "stage": stage})
-    if trainer.rank == 0:
-        save_recipe(recipe, out / "recipe.yaml")
     mixture = _mixture(recipe, train_cfg.micro_batch, method, bank, pseudo, trainer.rank, trainer.world, size,
                        channels, train_dir)
+    if trainer.rank == 0:  # after the loaders, which refuse sets too small for the batch
+        save_recipe(recipe, out / "recipe.yaml")
     weights = trainer.fit(mixture)
     report = evaluate(recipe, weights, out, trainer.device, title=f"{stage} ({cfg.method})")
     if report and trainer.rank == 0 and stage == "retrain":
@@ -126,6 +128,9 @@ def _features(recipe: Recipe, build, bank: LabelledBank, pseudo: list, out: Path
 def _pseudo_sets(recipe: Recipe, manifest: Manifest, size: int) -> list[tuple[Path, float]]:
     cfg = recipe.classifier.retrain
     paths = [Path(p) for p in cfg.pseudo] or [Path(recipe.out) / "samples"]
+    if not cfg.pseudo and not (paths[0] / "manifest.json").is_file():
+        raise UserError(f"no pseudo images at {paths[0]}: run `dpt-scale sample` (stage 3) first, or name "
+                        "pseudo-image shard sets in classifier.retrain.pseudo")
     if len(cfg.pseudo_fraction) != len(paths):
         raise UserError(f"classifier.retrain.pseudo_fraction has {len(cfg.pseudo_fraction)} value(s) for "
                         f"{len(paths)} pseudo shard set(s); give one per set")

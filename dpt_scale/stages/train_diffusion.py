@@ -25,10 +25,12 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 
 from dpt_scale.classification.pseudo_labels import load_pseudo_labels
+from dpt_scale.data.importer import check_settings
 from dpt_scale.diffusion.autoencoder import LatentAutoencoder, sample_latent
 from dpt_scale.diffusion.loss import denoising_loss
 from dpt_scale.diffusion.sampling import sample, to_uint8
 from dpt_scale.diffusion.schedules import build_schedule
+from dpt_scale.engine.export import load_export
 from dpt_scale.errors import UserError
 from dpt_scale.metrics.generation import image_metrics, reference_for
 from dpt_scale.models import build_uvit
@@ -48,7 +50,9 @@ def training_set(recipe: Recipe) -> tuple[Path, Manifest]:
     if recipe.diffusion.latent.autoencoder:
         return latent_set(recipe)
     directory = Path(recipe.data_root) / "train"
-    return directory, Manifest.load(directory)
+    manifest = Manifest.load(directory)
+    check_settings(recipe, directory, manifest)
+    return directory, manifest
 
 
 def model_settings(recipe: Recipe, directory: Path, manifest: Manifest) -> dict:
@@ -58,8 +62,8 @@ def model_settings(recipe: Recipe, directory: Path, manifest: Manifest) -> dict:
     if latent:
         space, (channels, size, _) = "latent", latent["shape"]
     else:
-        space, channels = "image", manifest.image["channels"]
         size = manifest.square_size(directory, "diffusion training")
+        space, channels = "image", manifest.image["channels"]
     if size % cfg.patch_size:
         raise UserError(f"{space} size {size} is not a multiple of diffusion.model.patch_size {cfg.patch_size}")
     return dict(size=cfg.size, img_size=size, patch_size=cfg.patch_size, in_chans=channels,
@@ -83,14 +87,8 @@ RUNTIME_SETTINGS = ("attention", "grad_checkpointing")
 def load_diffusion(recipe: Recipe, path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The EMA U-ViT of a train-diffusion export, checked against the recipe's model (and, for
     latent recipes, its autoencoder and scale); returns (model in eval mode, the export's other entries)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"diffusion weights not found: {path} (run `dpt-scale train-diffusion` first, "
-                        "or set sample.checkpoint)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("kind") != "diffusion":
-        raise UserError(f"{path} is not a diffusion model export (it holds a {payload.get('kind')} model); "
-                        "set sample.checkpoint to a train-diffusion weights.pt")
+    payload = load_export(path, "diffusion", "run `dpt-scale train-diffusion` first, or set sample.checkpoint to "
+                                             "the weights.pt it makes")
     directory, manifest = training_set(recipe)
     expected = model_settings(recipe, directory, manifest)
     differ = [f"{k}={payload['settings'].get(k)!r} (recipe: {v!r})" for k, v in expected.items()
@@ -121,6 +119,9 @@ def train_diffusion(recipe: Recipe) -> Path:
     schedule = build_schedule(cfg.schedule)
     out = Path(recipe.out) / "diffusion"
     pseudo = load_pseudo_labels(Path(recipe.out) / "pseudo_labels") if cfg.labels == "pseudo" else None
+    if pseudo is None and manifest.unlabelled:
+        raise UserError(f"{shards}: {manifest.unlabelled} of {manifest.num_samples} samples have no label, but "
+                        "diffusion.labels=ground_truth trains on the shards' own labels; use diffusion.labels=pseudo")
 
     def pixels(batch: dict, device: torch.device) -> torch.Tensor:
         x = batch["image"].to(device, non_blocking=True).float().div_(127.5).sub_(1)
@@ -197,11 +198,11 @@ def train_diffusion(recipe: Recipe) -> Path:
                                     "classes": manifest.classes, "labels": cfg.labels,
                                     **({"latent": latent} if latent else {})},
                       hooks=[probe])
-    if trainer.rank == 0:
-        save_recipe(recipe, out / "recipe.yaml")
     loader_cfg = recipe.data.loader
     loader = ShardLoader(shards, cfg.train.micro_batch, seed=recipe.seed, workers=loader_cfg.workers,
                          streams=loader_cfg.streams, shuffle_buffer=loader_cfg.shuffle_buffer,
                          on_corrupt=loader_cfg.on_corrupt, pin_memory=trainer.device.type == "cuda", labels=pseudo,
                          field=MOMENTS if latent else None)
+    if trainer.rank == 0:  # after the loader, which refuses a set too small for the batch
+        save_recipe(recipe, out / "recipe.yaml")
     return trainer.fit(loader)
