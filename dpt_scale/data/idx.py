@@ -18,7 +18,8 @@ _TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E:
 def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"IDX file not found: {path}")
+        raise UserError(f"IDX file not found: {path}; give the IMAGES and LABELS files, e.g. "
+                        "train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz")
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     try:

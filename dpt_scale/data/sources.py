@@ -89,11 +89,13 @@ def imagefolder(cfg: Data) -> Source:
     _expect_paths(cfg, 1, "one path: the root of a class-per-subfolder tree")
     root = Path(cfg.paths[0])
     if not root.is_dir():
-        raise UserError(f"image folder not found: {root}")
+        raise UserError(f"image folder not found: {root}; give the root of a class-per-subfolder tree "
+                        "(PATH, data.paths)")
     train_root = root / "train" if (root / "train").is_dir() else root
     val_root = Path(cfg.val_paths[0]) if cfg.val_paths else (root / "val" if train_root != root else None)
     if val_root is not None and not val_root.is_dir():
-        raise UserError(f"validation image folder not found: {val_root}")
+        raise UserError(f"validation image folder not found: {val_root}; give a class-per-subfolder tree "
+                        "(--val, data.val_paths)")
     classes = sorted(e.name for e in os.scandir(train_root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"{train_root} has no class subfolders; expected ROOT/CLASS/IMAGE files")

@@ -59,7 +59,8 @@ def save_recipe(recipe, path: str | os.PathLike) -> None:
 
 def _read_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[dict, str]]:
     if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}" + (f" (named as base by {seen[-1]})" if seen else ""))
+        raise RecipeError(f"recipe not found: {path}" + (f" (named as base by {seen[-1]})" if seen else "")
+                          + "; check the path (the shipped recipes are in recipes/)")
     if path.resolve() in seen:
         raise RecipeError(f"recipe {path}: base recipes form a cycle ({' -> '.join(map(str, seen))} -> {path})")
     try:
