@@ -84,3 +84,21 @@ def test_a_rank_that_dies_stops_the_other_with_one_line_within_seconds(tmp_path)
     error = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert ranks[0].returncode not in (0, None) and "Traceback" not in stderr, stderr[-2000:]
     assert len(error) == 1 and "lost contact with another rank" in error[0] and "resumes" in error[0], stderr[-2000:]
+
+
+def test_a_damaged_shard_under_skip_still_yields_every_labelled_image_or_a_clear_error(tmp_path, caplog):
+    from dpt_scale.data.labelled import LabelledBank
+    from dpt_scale.errors import ShardError
+
+    shards = make_shard_set(tmp_path / "set", [20, 20])
+    first = sorted(shards.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # s00000..s00019 live here
+    early, late = tmp_path / "early.txt", tmp_path / "late.txt"
+    early.write_text("s00001\ns00025\n")  # before the cut, and in the intact shard
+    late.write_text("s00001\ns00019\n")  # s00019 is past the cut
+    with pytest.raises(ShardError, match=first.name):
+        LabelledBank.from_subset(shards, early)  # on_corrupt=error: the damage stops it
+    bank = LabelledBank.from_subset(shards, early, on_corrupt="skip")
+    assert bank.keys == ["s00001", "s00025"] and "damaged shard" in caplog.text
+    with pytest.raises(ShardError, match="labelled image.*damaged"):
+        LabelledBank.from_subset(shards, late, on_corrupt="skip")

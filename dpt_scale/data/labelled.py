@@ -11,6 +11,7 @@ which makes resume exact without saving any loader state.
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,9 @@ from dpt_scale.data.subset import read_list
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.decode import ImageDecodeError, decode_image
 from dpt_scale.shards.manifest import Manifest
-from dpt_scale.shards.tar import iter_samples
+from dpt_scale.shards.tar import TarFormatError, iter_samples
+
+log = logging.getLogger(__name__)
 
 
 class LabelledBank:
@@ -29,15 +32,24 @@ class LabelledBank:
         self.images, self.labels, self.keys, self.classes = images, labels, keys, classes
 
     @classmethod
-    def from_subset(cls, shard_dir: str | Path, subset_file: str | Path) -> "LabelledBank":
+    def from_subset(cls, shard_dir: str | Path, subset_file: str | Path, on_corrupt: str = "error") -> "LabelledBank":
+        """With on_corrupt="skip" a damaged shard is read up to the damage (the unlabelled stream skips
+        the rest); a labelled image lost in it is still an error: the subset is the whole supervision."""
         shard_dir = Path(shard_dir)
         wanted = set(read_list(subset_file))
         manifest = Manifest.load(shard_dir)
-        field, found = manifest.image["field"], {}
+        field, found, damaged = manifest.image["field"], {}, []
         for entry in manifest.shards:
             path = shard_dir / entry.name
-            hits = [(i, s["__key__"], s["__offset__"])
-                    for i, s in enumerate(iter_samples(path, fields=frozenset())) if s["__key__"] in wanted]
+            hits = []
+            try:
+                for i, s in enumerate(iter_samples(path, fields=frozenset())):
+                    if s["__key__"] in wanted:
+                        hits.append((i, s["__key__"], s["__offset__"]))
+            except TarFormatError as exc:
+                if on_corrupt != "skip":
+                    raise
+                damaged.append(f"{exc}")
             for i, key, offset in hits:
                 sample = next(iter_samples(path, i, i + 1, fields=frozenset({field, "cls"}), seek=(i, offset)))
                 if "cls" not in sample:
@@ -50,6 +62,12 @@ class LabelledBank:
                                      f"{shard_dir}`, then restore or re-import the set") from None
                 found[key] = (image, int(sample["cls"]))
         missing = sorted(wanted - found.keys())
+        if missing and damaged:
+            raise ShardError(f"{len(missing)} labelled image(s), e.g. {missing[0]}, may be in damaged shards ({damaged[0]}); "
+                             f"restore or re-import {shard_dir}")
+        if damaged:
+            log.warning(f"{shard_dir}: {len(damaged)} damaged shard(s) read up to the damage while finding the labelled "
+                        f"images, none of which was lost (on_corrupt=skip): {damaged[0]}")
         if missing:
             raise UserError(f"{subset_file}: {len(missing)} key(s) are not in {shard_dir}, e.g. {missing[:3]}; "
                             "make the subset from this shard set (`dpt-scale data subset`)")

@@ -48,7 +48,7 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
     subset = subset_path(recipe)
     if not subset.is_file():  # every rank draws the same keys; the file is replaced atomically
         make_subset(recipe, train_dir, subset)
-    bank = LabelledBank.from_subset(train_dir, subset)
+    bank = LabelledBank.from_subset(train_dir, subset, recipe.data.loader.on_corrupt)
     log.info(f"labelled subset {subset}: {len(bank)} images")
     if not recipe.data.labelled.list and len(bank) != recipe.data.labelled.per_class * manifest.num_classes:
         log.warning(f"{subset} holds {len(bank)} keys, not data.labelled.per_class x {manifest.num_classes} "
