@@ -153,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
         where = f" writing {exc.filename}" if exc.filename else ""
         print(f"error: {os.strerror(exc.errno)}{where}: free space (or point the output elsewhere) and run the "
               "same command again; finished shards and checkpoints are kept and it resumes", file=sys.stderr)
-        return 1
+        return 2
