@@ -53,3 +53,15 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def leave_process_group() -> None:
+    """Leave the process group together at the end of a command: a rank that exits while another
+    still has gloo threads running can abort that one at exit ("terminate called without an active
+    exception"), turning a finished job into a failed one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+

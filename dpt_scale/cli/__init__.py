@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler], force=True)
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        from dpt_scale.distributed import leave_process_group
+
+        leave_process_group()
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
