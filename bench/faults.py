@@ -147,12 +147,17 @@ def run_progress(out: Path, since: float) -> int:
 
 
 COMMANDS["run"] = ([], run_progress, pipeline)
+
+
 def kill_matrix(name: str, ref: Path, work: Path, points: int, rng: random.Random) -> dict:
     outputs, probe, check = COMMANDS[name]
     out = work / f"kill-{name}"
-    shutil.copytree(ref, out) if name != "run" else out.mkdir(parents=True)
-    for folder in outputs:
-        shutil.rmtree(out / folder)
+    if name == "run":
+        out.mkdir(parents=True)
+    else:  # the reference's inputs, without what this command makes
+        shutil.copytree(ref, out)
+        for folder in outputs:
+            shutil.rmtree(out / folder)
     log = work / f"kill-{name}.log"
     kills = []
     total = probe(ref, 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dpt_scale.engine.checkpoint import COMPLETE, tag_of
+from dpt_scale.engine.checkpoint import COMPLETE, saving, tag_of
 from dpt_scale.engine.ema import join_shards
 from dpt_scale.errors import UserError
 
@@ -43,7 +43,8 @@ def export_weights(root: str | Path, step: int, out: str | Path, extra: dict | N
     payload.update(extra or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
+    with saving(out):
+        torch.save(payload, tmp)
     os.replace(tmp, out)
     return out
 
