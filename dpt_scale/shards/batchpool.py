@@ -6,9 +6,12 @@ stacking 256 64x64 RGB images into fresh shared memory costs 2.6 ms, into reused
 docs/benchmarks.md). So each worker keeps a few buffers (shared memory inside a DataLoader worker,
 ordinary memory in-process) and writes batches into them.
 
+A buffer crosses from a worker to the main process once: after that only its slot and layout
+travel, and the main process rebuilds the batch over its own mapping of the buffer (sending a
+shared tensor costs a file-descriptor handover per batch, 2 us per 28x28 image; docs/benchmarks.md).
+
 A buffer is reused only once nothing outside the pool refers to it any more: the main process
-keeps one reference to each buffer it has received (so that receiving it again maps nothing new)
-and, before each batch, hands back every buffer whose storage has no other user (no tensor, view,
+keeps one reference to each buffer it has received and, before each batch, hands back every buffer whose storage has no other user (no tensor, view,
 NumPy array or alias of it is alive: the storage's use count is 1). A worker that finds no free
 buffer allocates a new one rather than wait, so a caller who keeps batches cannot stall it.
 """
@@ -22,12 +25,16 @@ SLOTS = 6  # buffers per worker: 2 prefetched + 1 being filled + 2 held by the c
 
 
 class BatchPool:
-    def __init__(self, workers: int, shared: bool):
+    def __init__(self, workers: int, shared: bool, pinned: bool = False):
         self.shared = shared
+        # DataLoader's pin_memory thread copies every tensor it sees out of shared memory: with it,
+        # batches travel whole, as the copy lets the buffer go at once.
+        self.send_once = shared and not pinned
         self.free = torch.ones(max(workers, 1), SLOTS, dtype=torch.uint8)  # 1: the worker may use it
         if shared:
             self.free.share_memory_()
         self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat uint8 buffer
+        self._sent: dict[int, torch.Tensor] = {}  # worker side: slot -> the buffer the main process has
         # main side: every buffer received, kept mapped; and the slots received and not yet handed
         # back (once handed back, a slot may already hold the next batch, still on its way here)
         self._mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
@@ -49,20 +56,37 @@ class BatchPool:
                 return _shaped(buffer, shape, dtype, channels_last), slot
         return _shaped(self._new(nbytes), shape, dtype, channels_last), -1
 
+    def send(self, slot: int, tensor: torch.Tensor) -> torch.Tensor | tuple:
+        """What goes to the main process for a batch in `slot`: the tensor the first time its
+        buffer goes, afterwards (shape, stride, dtype), which `received` rebuilds it from."""
+        if not self.send_once or slot < 0:
+            return tensor
+        if self._sent.get(slot) is self._buffers[slot]:
+            return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
+        self._sent[slot] = self._buffers[slot]
+        return tensor
+
     def _new(self, nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         return buffer.share_memory_() if self.shared else buffer
 
     # ---- main side
 
-    def received(self, worker: int, slot: int, tensor: torch.Tensor) -> None:
+    def received(self, worker: int, slot: int, sent: torch.Tensor | tuple) -> torch.Tensor:
+        """The batch tensor for what `send` sent; the buffer counts as in use until handed back."""
         if slot < 0:
-            return
+            return sent
+        if isinstance(sent, tuple):
+            shape, stride, dtype = sent
+            tensor = torch.empty(0, dtype=dtype).set_(self._mapped[worker, slot], 0, shape, stride)
+        else:
+            tensor = sent
         if tensor.is_pinned():  # DataLoader's pin_memory thread copied it out and let the buffer go
             self.free[worker, slot] = 1
         else:
             self._mapped[worker, slot] = tensor.untyped_storage()
             self._outstanding.add((worker, slot))
+        return tensor
 
     def hand_back(self) -> None:
         """Free every received buffer that nobody but the pool refers to."""

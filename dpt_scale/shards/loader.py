@@ -100,20 +100,21 @@ class ShardLoader:
         if offset % self.batch_size or offset > self.batch_size * self.batches_per_epoch:
             raise UserError(f"offset {offset} must be a multiple of the batch size {self.batch_size} "
                             f"and at most {self.batch_size * self.batches_per_epoch} (one epoch)")
-        pool = BatchPool(self.workers, shared=self.workers > 0)
+        pool = BatchPool(self.workers, shared=self.workers > 0, pinned=self.pin_memory)
         stream = _Stream(self, epoch, offset // self.batch_size, pool)
         # A private generator: DataLoader would otherwise draw its worker seed from the caller's
         # global RNG, shifting the caller's random numbers (a resumed run would draw differently).
         source = iter(stream) if self.workers == 0 else iter(DataLoader(
             stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed)))
+            collate_fn=_as_is, generator=torch.Generator().manual_seed(self.seed)))
         current, lost = epoch, 0
         try:
             for batch in source:
                 if "error" in batch:
                     is_shard_error, message = batch["error"]
                     raise (ShardError if is_shard_error else UserError)(message)
-                pool.received(*batch.pop("slot"), batch[self.name])
+                batch[self.name] = pool.received(*batch.pop("slot"), batch[self.name])
+                batch["cls"] = torch.from_numpy(batch["cls"])
                 pool.hand_back()
                 if batch["epoch"] != current:
                     self._report(current, lost)
@@ -302,9 +303,16 @@ class _Batch:
         for pos in range(self.filled, self.size):  # repeats of good samples stand in for lost ones
             self.images[pos].copy_(self.images[pos - self.filled])
             self.meta.append(self.meta[pos - self.filled])
-        return {self.name: self.images, "cls": torch.tensor([m[0] for m in self.meta], dtype=torch.int64),
+        return {self.name: self.pool.send(self.slot, self.images),
+                "cls": np.array([m[0] for m in self.meta], dtype=np.int64),
                 "key": [m[1] for m in self.meta], "json": [m[2] for m in self.meta],
                 "lost": self.lost, "slot": (self.worker, self.slot)}
+
+
+def _as_is(batch: dict) -> dict:
+    """DataLoader's default would turn the `cls` array into a tensor, which crosses to the main
+    process through a new shared-memory segment per batch; an array is pickled with the batch."""
+    return batch
 
 
 def _load_array(data: bytes) -> torch.Tensor:
