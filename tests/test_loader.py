@@ -1,9 +1,12 @@
 """The shard loader: equal work per rank, a fixed order per (seed, epoch), exact mid-epoch resume,
 and the damaged-data policies."""
+import io
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.loader import ShardLoader
@@ -169,13 +172,16 @@ def test_images_of_different_sizes_need_a_transform(tmp_path):
     from dpt_scale.shards.writer import ShardSetWriter
     from helpers import png
 
+    # 16 of one size, then 16 of another: the loader gathers 16 at a time, so no gathered group is
+    # mixed and only the batch as a whole tells.
+    sizes = [8] * 16 + [12] * 16
     with ShardSetWriter(tmp_path, classes=["a"]) as w:
-        for i, size in enumerate([8, 8, 12, 12]):
-            w.write({"__key__": f"k{i}", "png": png(i, size), "cls": 0}, (1, size, size))
+        for i, size in enumerate(sizes):
+            w.write({"__key__": f"k{i:02d}", "png": png(i, size), "cls": 0}, (1, size, size))
     with pytest.raises(UserError, match="different shapes"):
-        keys(ShardLoader(tmp_path, batch_size=4, shuffle=False, world_size=1, rank=0))
+        keys(ShardLoader(tmp_path, batch_size=32, shuffle=False, world_size=1, rank=0))
     crop = lambda image: image[:, :8, :8]  # noqa: E731
-    assert len(keys(ShardLoader(tmp_path, batch_size=4, transform=crop, world_size=1, rank=0))) == 4
+    assert len(keys(ShardLoader(tmp_path, batch_size=4, transform=crop, world_size=1, rank=0))) == 32
 
 
 
@@ -233,3 +239,55 @@ def test_a_slow_consumer_always_sees_each_batch_as_decoded(uneven_set):
     for batch in islice(loader.batches(0), 40):
         time.sleep(0.02)  # the workers fill their next buffers meanwhile
         assert all(torch.equal(image, by_key[k]) for k, image in zip(batch["key"], batch["image"]))
+
+
+def _jpeg(value: int, size: int, mode: str) -> bytes:
+    rng = np.random.default_rng(value)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_batches_hold_the_pixels_torchvision_decodes(tmp_path, workers, channels):
+    """JPEGs are decoded straight into the batch by simplejpeg, with the pixels torchvision's
+    decoder gives (a CMYK one converted by another formula: within one level)."""
+    from torchvision.io import ImageReadMode
+
+    from dpt_scale.shards.writer import ShardSetWriter
+
+    blobs = {f"k{i:02d}": _jpeg(i, 16, "CMYK" if i == 5 else "RGB") for i in range(12)}
+    with ShardSetWriter(tmp_path, classes=["a"], max_samples=5, image_field="jpg") as w:
+        for key, data in blobs.items():
+            w.write({"__key__": key, "jpg": data, "cls": 0}, (channels, 16, 16))
+    loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    assert loader.in_place == (channels, 16, 16)
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    seen = set()
+    for batch in loader.epoch(0):
+        for key, image in zip(batch["key"], batch["image"]):
+            expected = torch.ops.image.decode_image(torch.frombuffer(bytearray(blobs[key]), dtype=torch.uint8),
+                                                    mode.value, False)
+            if key == "k05":
+                assert (image.int() - expected.int()).abs().max() <= 1, key
+            else:
+                assert torch.equal(image, expected), key
+            seen.add(key)
+    assert "k05" in seen and len(seen) == 12
+
+
+def test_jpeg_of_another_size_or_damaged_is_still_caught_in_place(tmp_path):
+    from dpt_scale.shards.writer import ShardSetWriter
+
+    def build(directory, odd):
+        with ShardSetWriter(directory, classes=["a"], max_samples=100, image_field="jpg") as w:
+            for i in range(8):
+                w.write({"__key__": f"k{i}", "jpg": odd if i == 3 else _jpeg(i, 16, "RGB"), "cls": 0}, (3, 16, 16))
+        return ShardLoader(directory, batch_size=8, shuffle=False, world_size=1, rank=0)
+
+    with pytest.raises(UserError, match="different shapes"):
+        next(iter(build(tmp_path / "size", _jpeg(3, 24, "RGB")).epoch(0)))
+    with pytest.raises(ShardError, match=r"k3\.jpg' does not decode"):
+        next(iter(build(tmp_path / "cut", _jpeg(3, 16, "RGB")[:200]).epoch(0)))

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool
-from dpt_scale.shards.decode import ImageDecodeError, decode_image
+from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
 from dpt_scale.shards.tar import iter_samples
@@ -75,6 +75,10 @@ class ShardLoader:
         self.field = field or self.manifest.image["field"]
         self.name = "image" if field is None else field.split(".")[0]
         self.channels = self.manifest.image["channels"] if field is None else None
+        # JPEGs of one size with no transform are decoded straight into the batch: (C, H, W) then.
+        image = self.manifest.image
+        self.in_place = ((self.channels, *image["size"]) if field is None and transform is None
+                         and image["field"] in ("jpg", "jpeg") and image["size"] else None)
         # `labels` replaces the shards' `cls` (pseudo-labels, or none at all for unlabelled data);
         # the `cls` members are then not even read, so hidden labels cannot leak into training.
         self.labels = labels
@@ -206,11 +210,11 @@ class _Stream(IterableDataset):
         """Decode a batch into a pooled buffer a chunk of images at a time: holding a whole batch of
         decoded images first would cost fresh memory (page faults) every batch for large images,
         and copying them one by one costs more than stacking for small ones."""
-        batch = _Batch(self.pool, worker, len(raw), self.ld.dir, self.ld.name)
+        batch = _Batch(self.pool, worker, len(raw), self.ld.dir, self.ld.name, self.ld.in_place)
         seed = random.Random(f"augment:{self.ld.seed}:{plan.epoch}:{self.ld.rank}:{j}").getrandbits(63)
         with _seeded(seed) if self.ld.transform else nullcontext():
             for sample in raw:
-                batch.add(None if sample is None else self._decode(sample))
+                batch.add(None if sample is None else self._decode(sample, batch.place()))
             if batch.filled == 0 and not batch.pending:  # not one readable sample in the whole batch
                 batch.add(self._first_readable())  # stands in; the batch's samples stay counted as lost
         out = batch.finish()
@@ -219,12 +223,16 @@ class _Stream(IterableDataset):
             del out["json"]
         return out
 
-    def _decode(self, sample: dict) -> tuple | None:
-        """(image, class, key, json) of a raw sample; None if it is damaged and the policy skips."""
+    def _decode(self, sample: dict, place: np.ndarray | None = None) -> tuple | None:
+        """(image, class, key, json) of a raw sample; None if it is damaged and the policy skips.
+        The image is None when it was decoded straight into `place`."""
         key, field = sample["__key__"], self.ld.field
         try:
             data = sample[field]
-            image = _load_array(data) if self.ld.channels is None else decode_image(data, self.ld.channels)
+            if place is not None and decode_jpeg_into(data, place):
+                image = None
+            else:
+                image = _load_array(data) if self.ld.channels is None else decode_image(data, self.ld.channels)
             if self.ld.labels is not None:
                 label = self.ld.labels.get(key, -1)
             else:
@@ -238,7 +246,7 @@ class _Stream(IterableDataset):
                 raise ShardError(message) from None
             log.warning(f"skipping a damaged sample: {message}")
             return None
-        if self.ld.transform is not None:
+        if self.ld.transform is not None:  # (never with `place`)
             image = self.ld.transform(image)
         return image, label, key, json.loads(sample["json"]) if "json" in sample else None
 
@@ -259,19 +267,37 @@ class _Stream(IterableDataset):
 
 class _Batch:
     """Decoded samples gathered into a pooled buffer, CHUNK at a time, good samples first; lost
-    ones (None) are counted and replaced at the end by repeats of the good ones."""
+    ones (None) are counted and replaced at the end by repeats of the good ones. With `in_place`
+    (the (C, H, W) of every image), the buffer is taken at once and `place()` is where the next
+    image may be decoded."""
 
     CHUNK = 16
 
-    def __init__(self, pool: BatchPool, worker: int, size: int, where: Path, name: str):
+    def __init__(self, pool: BatchPool, worker: int, size: int, where: Path, name: str,
+                 in_place: tuple[int, int, int] | None = None):
         self.pool, self.worker, self.size, self.where, self.name = pool, worker, size, where, name
         self.images, self.slot, self.filled, self.lost = None, -1, 0, 0
         self.pending: list[tuple] = []
         self.meta: list[tuple] = []  # (class, key, json) of each filled position
+        self.hwc = None  # in place: the buffer as (B, H, W, C) arrays, the decoders' layout
+        if in_place:
+            self.images, self.slot = pool.take(worker, (size, *in_place), torch.uint8, in_place[0] > 1)
+            self.hwc = self.images.permute(0, 2, 3, 1).numpy()
+
+    def place(self) -> np.ndarray | None:
+        return None if self.hwc is None else self.hwc[self.filled]
 
     def add(self, item: tuple | None) -> None:
         if item is None:
             self.lost += 1
+            return
+        if self.hwc is not None:  # in place; an image the JPEG decoder could not place is copied
+            if item[0] is not None:
+                self.pending.append(item)
+                self._flush()
+            else:
+                self.meta.append(item[1:])
+                self.filled += 1
             return
         self.pending.append(item)
         if len(self.pending) == self.CHUNK:
@@ -289,12 +315,12 @@ class _Batch:
             hwc = first.dim() == 3 and first.shape[0] > 1 and first.stride(0) == 1
             self.images, self.slot = self.pool.take(self.worker, (self.size, *first.shape), first.dtype, hwc)
         end = self.filled + len(self.pending)
-        try:
-            torch.stack([it[0] for it in self.pending], out=self.images[self.filled:end])
-        except RuntimeError:
+        # Checked here: stack(out=) would resize a slice of another shape instead of failing.
+        if any(it[0].shape != self.images.shape[1:] for it in self.pending):
             shapes = sorted({tuple(it[0].shape) for it in self.pending} | {tuple(self.images.shape[1:])})
             raise UserError(f"{self.where}: images of different shapes {shapes[:3]} cannot form a batch; "
-                            "import with a fixed image size or pass a transform that resizes") from None
+                            "import with a fixed image size or pass a transform that resizes")
+        torch.stack([it[0] for it in self.pending], out=self.images[self.filled:end])
         self.meta += [it[1:] for it in self.pending]
         self.filled, self.pending = end, []
 

@@ -33,6 +33,11 @@ class TarFormatError(ShardError):
 
 
 def _octal(field: bytes) -> int:
+    if field[11:] == b"\0":  # the usual form, "%011o\0" (a third of the walk's time otherwise)
+        try:
+            return int(field[:11], 8)
+        except ValueError:
+            pass
     if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
@@ -136,6 +141,7 @@ def iter_samples(path: str | os.PathLike, start: int = 0, stop: int | None = Non
 
 def _samples(path, mm, size, start, stop, fields, check_headers, seek):
     (index, pos), key, sample = seek, None, None
+    extensions: dict[bytes, str] = {}  # raw extension -> its lower-case text, decoded once
     index -= 1
     for name, begin, end, first in _walk(path, mm, size, check_headers, pos):
         slash = name.rfind(b"/") + 1
@@ -153,7 +159,10 @@ def _samples(path, mm, size, start, stop, fields, check_headers, seek):
             if index >= start:
                 sample = {"__key__": k.decode(), "__offset__": first}
         if sample is not None:
-            ext = name[dot + 1:].decode().lower() if dot >= 0 else ""
+            raw = name[dot + 1:] if dot >= 0 else b""
+            ext = extensions.get(raw)
+            if ext is None:
+                ext = extensions[raw] = raw.decode().lower()
             if fields is None or ext in fields:
                 if ext in sample:
                     raise TarFormatError(path, f"member '{name.decode()}' appears twice in a sample", name.decode())
