@@ -8,12 +8,13 @@ ordinary memory in-process) and writes batches into them.
 
 A buffer crosses from a worker to the main process once: after that only its slot and layout
 travel, and the main process rebuilds the batch over its own mapping of the buffer (sending a
-shared tensor costs a file-descriptor handover per batch, 2 us per 28x28 image; docs/benchmarks.md).
+shared tensor costs a file-descriptor handover per batch, about 0.5 ms; docs/benchmarks.md).
 
 A buffer is reused only once nothing outside the pool refers to it any more: the main process
-keeps one reference to each buffer it has received and, before each batch, hands back every buffer whose storage has no other user (no tensor, view,
-NumPy array or alias of it is alive: the storage's use count is 1). A worker that finds no free
-buffer allocates a new one rather than wait, so a caller who keeps batches cannot stall it.
+keeps one reference to each buffer it has received and, before each batch, hands back every
+buffer whose storage has no other user (no tensor, view, NumPy array or alias of it is alive:
+the storage's use count is 1). A worker that finds no free buffer allocates a new one rather
+than wait, so a caller who keeps batches cannot stall it.
 """
 from __future__ import annotations
 
