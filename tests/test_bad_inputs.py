@@ -105,6 +105,10 @@ CASES = [
          "other holds another run (other/recipe.yaml names 'another-recipe'", "pass another --set out=DIR"),
     Case("run-out-holds-unrelated-files", ("run", "r.yaml", "--set", "out=photos"),
          "photos holds files that are not a dpt-scale run (holiday.jpg, notes.txt)", "pass another --set out=DIR"),
+    Case("stage-out-holds-another-run", ("train-classifier", "r.yaml", "--set", "out=other"),
+         "other holds another run (other/recipe.yaml names 'another-recipe'", "pass another --set out=DIR"),
+    Case("stage-out-holds-unrelated-files", ("sample", "r.yaml", "--set", "out=photos"),
+         "photos holds files that are not a dpt-scale run (holiday.jpg, notes.txt)", "pass another --set out=DIR"),
     # stages: the training data, the checkpoints, the weights (each imports torch: a few seconds)
     Case("impossible-batch", ("train-classifier", "r.yaml", "--set", "classifier.train.global_batch=2"),
          "global_batch 2 != micro_batch 4", "choose a global_batch that is a multiple of 4"),

@@ -25,6 +25,9 @@ def _stage(name: str, help: str, target: str, *extra) -> None:
         if rank_and_world()[0] != 0:  # every rank resolves the recipe; one prints it
             args.quiet = True
         recipe = resolve_recipe(args)  # a bad recipe is reported before the stage's slow imports
+        from dpt_scale.pipeline.run import check_out
+
+        check_out(recipe)  # not into another run's folder, nor a folder of unrelated files
         module, function = target.split(":")
         result = getattr(importlib.import_module(module), function)(recipe, *extra)
         if rank_and_world()[0] == 0:
