@@ -26,7 +26,7 @@ sample (bench/sampler.py `model_loop`): the project's solver loop as `dpt-scale 
     without shard writing: U-ViT-H/2 (1000 classes, `sd_discrete` schedule, attention `auto` as the
     recipes), DPM-Solver++ 50 steps, classifier-free guidance w = 1.4 (two forward passes per step),
     starting noise drawn beforehand, then uint8 on the CPU. Two configurations in turn per repeat:
-    fp32 weights (what `dpt-scale sample` loads today), batch 32, and bf16 weights, batch 256 (the
+    fp32 weights (`dpt-scale sample`'s default), batch 32, and bf16 weights, batch 256 (the
     recipes' sample.batch); one short warm-up each, median of 3 repeats. If a local autoencoder is
     found (--autoencoder, default assets/stable-diffusion/vae as in the ImageNet recipes) the latents
     are also decoded to 256x256 pixels through it (fp32, 32 at a time, as the sample stage does) and

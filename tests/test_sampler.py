@@ -17,6 +17,8 @@ from dpt_scale.diffusion.sampling import sample as run_solver
 from dpt_scale.diffusion.schedules import build_schedule
 from dpt_scale.generation.plan import GenerationPlan
 from dpt_scale.models import build_uvit
+from dpt_scale.shards.decode import decode_image
+from dpt_scale.shards.tar import iter_samples
 from dpt_scale.shards.verify import verify
 from helpers import REPO, assert_one_line_error, make_shard_set, run_cli, torchrun
 
@@ -158,3 +160,21 @@ def test_n_images_with_drawn_classes_and_a_restart_of_it(trained):
         assert result.returncode == 0, result.stderr[-3000:]
     manifest, _, faults = verify(trained / "total" / "samples")
     assert not faults and manifest.num_samples == 12 and sum(manifest.class_histogram) == 12
+
+
+def test_bf16_sampling_is_close_to_fp32_and_its_set_keeps_its_precision(trained):
+    """`sample.precision: bf16` runs the U-ViT in bfloat16: the same images up to rounding, and a
+    restart in fp32 over a bf16 set (or the other way round) is refused like any other change."""
+    recipe = other_run(trained, "bf16", precision="bf16")
+    result = run_cli("-q", "sample", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    decoded = {}
+    for name in ("run", "bf16"):
+        for shard in sorted((trained / name / "samples").glob("*.tar")):
+            for s in iter_samples(shard):
+                decoded.setdefault(name, {})[s["__key__"]] = decode_image(s["png"], 1).float()
+    assert decoded["bf16"].keys() == decoded["run"].keys()
+    difference = torch.stack([(decoded["bf16"][k] - decoded["run"][k]).abs().mean() for k in decoded["run"]])
+    assert 0 < difference.mean() < 8, difference.mean()  # pixel levels out of 255: rounding, not other images
+    assert_one_line_error(run_cli("-q", "sample", str(recipe), "--set", "sample.precision=fp32"),
+                          "holds images of another generation run", "precision")

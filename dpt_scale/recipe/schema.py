@@ -213,6 +213,9 @@ class Sample:
     quality: int = field(default=95, metadata={"min": 1, "max": 100})  # jpg / webp
     encode_threads: int = positive(2)  # background image encoding and writing
     checkpoint: str | None = None  # default <out>/diffusion/weights.pt
+    # bf16: the U-ViT's weights and activations in bfloat16 (for GPUs with bf16 tensor cores; the
+    # solver's state and the autoencoder stay fp32). Images then differ slightly from fp32 ones.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass

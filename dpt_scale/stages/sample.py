@@ -44,6 +44,8 @@ def sample(recipe: Recipe) -> Path:
     out = Path(recipe.out) / "samples"
     weights = Path(cfg.checkpoint or Path(recipe.out) / "diffusion" / "weights.pt")
     model, payload = load_diffusion(recipe, weights, device)
+    if cfg.precision == "bf16":
+        model = model.to(torch.bfloat16)  # the solver casts its input to the weights' type
     settings, classes = payload["settings"], payload["classes"]
     plan = _plan(recipe, len(classes))
     shape = (settings["in_chans"], settings["img_size"], settings["img_size"])
@@ -52,6 +54,8 @@ def sample(recipe: Recipe) -> Path:
                   "class_weights": plan.class_weights, "solver": cfg.solver, "steps": cfg.steps,
                   "guidance": cfg.guidance, "batch": cfg.batch, "shard_samples": cfg.shard_samples,
                   "format": cfg.format, "quality": cfg.quality}
+    if cfg.precision != "fp32":  # (absent for fp32, so that sets made before the key resume)
+        generation["precision"] = cfg.precision
     generation = json.loads(json.dumps(generation))  # as it reads back from generation.json (tuples -> lists)
     _claim(out, generation, rank)
     schedule = build_schedule(payload["schedule"])
@@ -125,7 +129,7 @@ def _claim(out: Path, generation: dict, rank: int) -> None:
     path = out / SETTINGS
     if path.is_file():
         before = json.loads(path.read_text())
-        differ = sorted(k for k in generation if before.get(k) != generation[k])
+        differ = sorted(k for k in generation.keys() | before.keys() if before.get(k) != generation.get(k))
         if differ:
             raise UserError(f"{out} holds images of another generation run (it differs in {', '.join(differ)}); "
                             f"delete {out} to generate anew, or set `out` to a new folder")
