@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import random
 import re
 import time
-from contextlib import nullcontext
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -126,10 +127,8 @@ def _write_split(out: Path, split: str, items: list[tuple], source: Source, sett
     out.mkdir(parents=True, exist_ok=True)
     entries, stats, unreadable = [], SetStats([0] * len(source.classes)), []
     start = time.perf_counter()
-    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool, \
-            tqdm(total=len(order), desc=f"import {split}", unit="img", disable=None, mininterval=2) as progress:
-        for group, (group_entries, group_stats, group_unreadable) in zip(
-                tasks, pool.imap(_write_group, tasks) if workers > 1 else map(_write_group, tasks)):
+    with tqdm(total=len(order), desc=f"import {split}", unit="img", disable=None, mininterval=2) as progress:
+        for group, (group_entries, group_stats, group_unreadable) in zip(tasks, _written(tasks, workers)):
             for u in group_unreadable:
                 log.warning(f"skipped unreadable image {u.source}: {u.reason}")
             entries += group_entries
@@ -149,6 +148,28 @@ def _write_split(out: Path, split: str, items: list[tuple], source: Source, sett
     print(f"{out}: {manifest.num_samples} images in {len(manifest.shards)} shard(s), "
           f"{manifest.num_bytes / 2**20:.1f} MiB, {manifest.num_samples / elapsed:.0f} images/s{skipped}")
     return manifest
+
+
+def _written(tasks: list[_Group], workers: int) -> Iterator[tuple[list, SetStats, list[Unreadable]]]:
+    """_write_group of each task, in order, by `workers` processes. At most two groups per worker are
+    in flight, and an error cancels the queued ones and waits for the running ones, which stop at
+    their own next write. Not multiprocessing.Pool: its terminate() can hang for good when its task
+    thread is blocked sending a group into a full pipe, which is what a full disk led to."""
+    if workers == 1:
+        yield from map(_write_group, tasks)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        in_flight = deque()
+        try:
+            for task in tasks:
+                in_flight.append(pool.submit(_write_group, task))
+                if len(in_flight) == 2 * workers:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:
+                future.cancel()
 
 
 @dataclass
