@@ -152,9 +152,9 @@ def _write_split(out: Path, split: str, items: list[tuple], source: Source, sett
 
 def _written(tasks: list[_Group], workers: int) -> Iterator[tuple[list, SetStats, list[Unreadable]]]:
     """_write_group of each task, in order, by `workers` processes. At most two groups per worker are
-    in flight, and an error cancels the queued ones and waits for the running ones, which stop at
-    their own next write. Not multiprocessing.Pool: its terminate() can hang for good when its task
-    thread is blocked sending a group into a full pipe, which is what a full disk led to."""
+    in flight; an error cancels the queued ones and waits for the running ones (on a full disk they
+    fail at their next write too). Not multiprocessing.Pool: its terminate() can hang for good when
+    its task thread is blocked sending a group into a full pipe, which is what a full disk led to."""
     if workers == 1:
         yield from map(_write_group, tasks)
         return
