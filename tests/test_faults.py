@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,6 +47,59 @@ def test_a_full_disk_while_importing_is_one_line_and_the_rerun_ends_as_a_clean_i
         assert [s.sha256 for s in Manifest.load(full / split).shards] == \
             [s.sha256 for s in Manifest.load(clean / split).shards]
     assert not list(full.rglob("*.tmp"))
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc/*/stat: this kernel has no /proc/PID/task/*/children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_an_import_worker_that_dies_is_one_line_and_the_rerun_ends_as_a_clean_import(tmp_path):
+    """As when the OOM killer takes a worker: one line, not a traceback, and not a hang (a
+    multiprocessing.Pool, which the importer once used, would wait for the lost group forever)."""
+    out = tmp_path / "data"
+    command = [sys.executable, "-m", "dpt_scale", "-q", "data", "import", "mnist", "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def forks() -> list[int]:  # pool workers are forks: the same command line as the main process
+        found = []
+        for pid in children(proc.pid):
+            try:  # (read now: right after Popen it can still be the command line of the fork)
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    deadline, victim = time.time() + 120, None
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        # Both workers, and still forks a moment later: a library's fork-then-exec (ldconfig and
+        # the like) also shows the same command line, for an instant.
+        if len(found := forks()) == 2:
+            time.sleep(0.02)
+            victim = found[0] if found[0] in forks() else None
+        time.sleep(0.005)
+    assert victim is not None, f"no import worker was seen (exit {proc.poll()}, {time.time() - deadline + 120:.1f} s)"
+    os.kill(victim, signal.SIGKILL)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the import hung after a worker died")
+    assert_one_line_error(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr),
+                          "a worker process died", "run the same command again")
+    assert not (out / "train" / "manifest.json").exists()
+    assert cli("data", "import", "mnist", "--out", out).returncode == 0
+    assert Manifest.load(out / "train").num_samples == 10_000
+    assert not list(out.rglob("*.tmp"))
 
 
 def tiny_recipe(tmp_path, **train):

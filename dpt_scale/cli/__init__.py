@@ -103,6 +103,17 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def _dead_worker(exc: RuntimeError) -> str | None:
+    """The short reason when a worker process of ours (an import or verify pool's, a DataLoader's)
+    died under us, else None."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    text = str(exc)
+    if isinstance(exc, BrokenProcessPool) or text.startswith("DataLoader worker"):
+        return text.splitlines()[0].rstrip(".")[:160] if text else type(exc).__name__
+    return None
+
+
 def _lost_rank(exc: RuntimeError) -> str | None:
     """The short reason when a collective failed because another rank went away, else None. gloo
     raises a plain RuntimeError naming the socket error; NCCL a DistBackendError."""
@@ -136,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        died = _dead_worker(exc)
+        if died is not None:
+            print(f"error: a worker process died ({died}): it was killed, or ran out of memory; run the same command "
+                  "again (with fewer workers if memory is short) and it resumes from what was finished",
+                  file=sys.stderr)
+            return 1
         reason = _lost_rank(exc)
         if reason is None:
             raise
