@@ -1,8 +1,8 @@
 """Data throughput, all in one run on the same images:
 
   (a) decode only: our decoder over the encoded bytes held in memory (the limit of any reader),
-  (a') batch floor: the same bytes decoded into their places in a batch buffer, in order (what a
-       loader with no per-sample work of its own besides decoding would reach),
+  (a') batch floor: the same bytes decoded into their places in a batch buffer, in order, as our
+       loader fills a batch (what a loader with no work of its own besides decoding would reach),
   (b) our shard loader (dpt_scale.shards.loader.ShardLoader), 0 / 1 / 2 worker processes,
   (c) torchvision ImageFolder + DataLoader over the same images as files, 1 / 2 workers,
 plus import throughput (`dpt-scale data import`) and, for context, PIL, torchvision's public
@@ -41,6 +41,7 @@ from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
 from dpt_scale.shards.decode import decode_image, decode_jpeg_into  # noqa: E402
+from dpt_scale.shards.batchpool import STACK_BYTES  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
 from dpt_scale.shards.tar import iter_samples  # noqa: E402
@@ -148,17 +149,18 @@ def measure(name: str, shards: Path, files: Path, channels: int, repeats: int, i
                         memory_format=torch.channels_last)
     hwc = batch.permute(0, 2, 3, 1).numpy()
 
+    chunk = max(1, min(BATCH, STACK_BYTES // batch[0].nbytes))  # as the loader stacks
+
     def batch_floor():
-        chunk = []
-        for i, b in enumerate(blobs):
-            at = i % BATCH
+        for at in range(0, n, BATCH):
+            part = blobs[at:at + BATCH]
             if field in ("jpg", "jpeg"):
-                decode_jpeg_into(b, hwc[at])
+                for i, b in enumerate(part):
+                    decode_jpeg_into(b, hwc[i])
             else:
-                chunk.append(decode_image(b, channels))
-                if len(chunk) == 16:  # BATCH is a multiple of 16
-                    torch.stack(chunk, out=batch[at - 15:at + 1])
-                    chunk = []
+                for c in range(0, len(part), chunk):
+                    images = [decode_image(b, channels) for b in part[c:c + chunk]]
+                    torch.stack(images, out=batch[c:c + len(images)])
 
     configs = {"decode_limit": (decode_limit, n), "batch_floor": (batch_floor, n),
                "pil_decode": (pil, n), "torchvision_public_decode": (tv_public, n),

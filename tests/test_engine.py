@@ -16,7 +16,7 @@ import yaml
 from dpt_scale.engine.dsconfig import deepspeed_config
 from dpt_scale.errors import UserError
 from dpt_scale.recipe.schema import Train
-from helpers import REPO, assert_one_line_error, make_shard_set, run_cli, torchrun, torchrun_command
+from helpers import assert_one_line_error, make_shard_set, run_cli, torchrun, torchrun_command
 
 
 def recipe(tmp_path, name="r.yaml", **train):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dpt_scale.shards.manifest import Manifest
-from helpers import REPO, assert_one_line_error, make_shard_set, run_cli
+from helpers import REPO, assert_one_line_error, make_shard_set
 
 
 def limited(max_bytes: int):

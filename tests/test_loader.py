@@ -12,7 +12,6 @@ from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan
-from helpers import make_shard_set
 
 
 def keys(loader, epoch=0, offset=0):
@@ -95,6 +94,37 @@ def test_batches_run_on_across_epochs_in_the_same_order(uneven_set, workers):
         [(1, j) for j in range(2, per_epoch)] + [(2, j) for j in range(per_epoch)] + [(3, 0), (3, 1)])
     assert [k for b in endless[:per_epoch - 2] for k in b["key"]] == keys(loader, 1, offset=8)
     assert [k for b in endless[per_epoch - 2:2 * per_epoch - 2] for k in b["key"]] == keys(loader, 2)
+
+
+def test_shards_without_a_usable_index_are_walked_to_the_same_batches(uneven_set, caplog):
+    def batches(workers=0):
+        loader = ShardLoader(uneven_set, batch_size=4, seed=3, world_size=1, rank=0, streams=4, workers=workers)
+        return [(b["key"], b["cls"].tolist(), b["image"].clone()) for b in loader.epoch(1)]
+
+    def same(a, b):
+        return len(a) == len(b) and all(x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(a, b))
+
+    reference = batches()
+    manifest = Manifest.load(uneven_set)
+    assert all(e.index for e in manifest.shards)  # our writer stores one in every shard
+    for entry in manifest.shards:  # as in a set written by another tool, or before indexes
+        entry.index = []
+    manifest.save(uneven_set)
+    assert same(batches(), reference) and same(batches(workers=2), reference)
+    for entry in manifest.shards:  # a manifest that no longer matches its shards
+        entry.index = [1024, 1536]
+    manifest.save(uneven_set)
+    assert same(batches(), reference)
+    assert "index member is not where it says" in caplog.text and "walking its headers" in caplog.text
+
+
+def test_rows_kept_between_epochs_change_nothing_when_few_are_kept(uneven_set, monkeypatch):
+    import dpt_scale.shards.loader as loader_module
+
+    loader = ShardLoader(uneven_set, batch_size=4, seed=5, world_size=1, rank=0, streams=2)
+    reference = [b["key"] for b in islice(loader.batches(0), 3 * len(loader))]
+    monkeypatch.setattr(loader_module, "ROWS_CACHED", 1)  # every shard's rows rebuilt when read again
+    assert [b["key"] for b in islice(loader.batches(0), 3 * len(loader))] == reference
 
 
 def test_impossible_settings_are_clear_errors(uneven_set):

@@ -52,6 +52,18 @@ def test_verify_catches_a_wrong_index(tmp_path):
     assert result.returncode == 1 and "sample offsets differ from the manifest's index" in result.stdout
 
 
+def test_verify_checks_each_shards_sample_index_against_its_samples(tmp_path):
+    shards = make_shard_set(tmp_path / "s", [20, 20])
+    entry = Manifest.load(shards).shards[1]
+    data = bytearray((shards / entry.name).read_bytes())
+    at = data.find("s00021".encode("utf-32-le"), entry.index[0])  # the index's second key
+    data[at + 5 * 4] = ord("7")  # now says s00027
+    (shards / entry.name).write_bytes(bytes(data))
+    result = verify(shards)
+    assert result.returncode == 1
+    assert any(entry.name in l and "__index__" in l and "sample index differs" in l for l in result.stdout.splitlines())
+
+
 def test_verify_catches_duplicate_keys_and_bad_labels(tmp_path):
     from dpt_scale.shards.writer import ShardSetWriter
     from helpers import png

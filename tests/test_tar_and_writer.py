@@ -1,7 +1,6 @@
 """Writing shards atomically, and reading them with our parser, stock tar and stock webdataset."""
 import hashlib
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -82,7 +81,8 @@ def test_stock_tar_and_stock_webdataset_read_our_shards(tmp_path):
     make_shard_set(tmp_path, [6])
     shard = str(tmp_path / "part-000000.tar")
     listed = subprocess.run(["tar", "-tf", shard], capture_output=True, text=True, check=True).stdout.split()
-    assert listed[:2] == ["s00000.cls", "s00000.png"] and len(listed) == 12
+    assert listed[:2] == ["s00000.cls", "s00000.png"] and len(listed) == 13
+    assert listed[-1] == "__index__"  # our sample index, which webdataset skips as metadata
     samples = list(wds.WebDataset(shard, shardshuffle=False).decode("l8"))
     assert [s["__key__"] for s in samples] == [f"s{i:05d}" for i in range(6)]
     assert [int(s["cls"]) for s in samples] == [0, 1, 2, 3, 0, 1]

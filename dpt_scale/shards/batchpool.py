@@ -19,10 +19,14 @@ than wait, so a caller who keeps batches cannot stall it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
+from dpt_scale.errors import UserError
+
 SLOTS = 6  # buffers per worker: 2 prefetched + 1 being filled + 2 held by the caller, and one spare
+STACK_BYTES = 2 << 20  # decoded images are stacked into a batch this many bytes at a time
 
 
 class BatchPool:
@@ -98,6 +102,67 @@ class BatchPool:
             if torch._C._storage_Use_Count(self._mapped[key]._cdata) == idle:
                 self.free[key] = 1
                 self._outstanding.discard(key)
+
+
+class PooledBatch:
+    """Decoded images gathered into a pooled buffer, good ones first; at the end, repeats of them
+    fill the places of lost samples. Images are stacked a chunk at a time: stacking costs per call
+    (a whole batch of 28 px PNGs at once loads ~4% faster than 16 at a time), while holding a
+    whole batch of large images before stacking would cost fresh memory every batch. With
+    `in_place` (the (C, H, W) of every image), the buffer is taken at once and the caller decodes
+    into `hwc[filled]`, counting it in `filled`."""
+
+    def __init__(self, pool: BatchPool, worker: int, size: int, where: Path,
+                 in_place: tuple[int, int, int] | None = None):
+        self.pool, self.worker, self.size, self.where = pool, worker, size, where
+        self.images, self.slot, self.filled, self.chunk = None, -1, 0, 1
+        self.stand_in = None  # (label, key, json) of the image standing in for a batch of lost samples
+        self.pending: list[torch.Tensor] = []
+        self.hwc = None  # in place: the buffer as (B, H, W, C) arrays, the decoders' layout
+        if in_place:
+            self.images, self.slot = pool.take(worker, (size, *in_place), torch.uint8, in_place[0] > 1)
+            self.hwc = self.images.permute(0, 2, 3, 1).numpy()
+
+    def add(self, image: torch.Tensor) -> None:
+        if not self.pending and self.images is None:
+            if not isinstance(image, torch.Tensor):
+                raise UserError(f"the loader's transform must return a tensor, not {type(image).__name__}")
+            self.chunk = max(1, min(self.size, STACK_BYTES // max(1, image.nbytes)))
+        self.pending.append(image)
+        # in place, an image the JPEG decoder could not place is copied at once
+        if len(self.pending) >= self.chunk or self.hwc is not None:
+            self._flush()
+
+    def extend(self, images: list[torch.Tensor]) -> None:
+        self.pending += images
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        if self.images is None:
+            first = self.pending[0]
+            # The decoders give (C, H, W) views of (H, W, C) memory; a batch laid out the same way
+            # (channels_last) fills with plain copies, 10x faster than transposing (benchmarks.md).
+            hwc = first.dim() == 3 and first.shape[0] > 1 and first.stride(0) == 1
+            self.images, self.slot = self.pool.take(self.worker, (self.size, *first.shape), first.dtype, hwc)
+        end = self.filled + len(self.pending)
+        # stack(out=) would resize a slice of another shape instead of failing: checked first.
+        try:
+            if self.pending[0].shape != self.images.shape[1:]:
+                raise RuntimeError
+            torch.stack(self.pending, out=self.images[self.filled:end])
+        except RuntimeError:  # (images of different shapes among the pending ones fail in stack)
+            shapes = sorted({tuple(image.shape) for image in self.pending} | {tuple(self.images.shape[1:])})
+            raise UserError(f"{self.where}: images of different shapes {shapes[:3]} cannot form a batch; "
+                            "import with a fixed image size or pass a transform that resizes") from None
+        self.filled, self.pending = end, []
+
+    def finish(self) -> torch.Tensor | tuple:
+        self._flush()
+        for pos in range(self.filled, self.size):  # repeats of good samples stand in for lost ones
+            self.images[pos].copy_(self.images[pos - self.filled])
+        return self.pool.send(self.slot, self.images)
 
 
 def _shaped(buffer: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

@@ -18,6 +18,12 @@ rank gets the same number of batches per epoch, the order is fixed by the seed a
 plan.py), and `offset` starts part-way through an epoch for exact resume. Random transforms are
 seeded per batch, so a resumed run also repeats the augmentations.
 
+Reading: each shard's index (index.py) gives every sample's key, label and member positions, so
+a stream's samples for an epoch are arrays (rows.py) and a batch is a slice of them; what is left
+per sample in Python is slicing its bytes from the memory-mapped shard and decoding them. The
+shuffle is a jittered sort: a stream's samples are ordered by position + U(0, w), with w its share
+of `shuffle_buffer`, so each moves by fewer than w places and shards are still read front to back.
+
 Damaged data: with on_corrupt="error" (default) the first problem stops the stream with a message
 naming the shard and member. With "skip" the loader logs each problem, replaces the lost samples
 by repeats of good ones from the same batch (so that no rank runs short and hangs) and counts them
@@ -28,27 +34,32 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mmap
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from itertools import chain, count, cycle, islice, repeat
+from itertools import count
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
-from dpt_scale.shards.batchpool import BatchPool
+from dpt_scale.shards.batchpool import BatchPool, PooledBatch
 from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into
+from dpt_scale.shards.index import BAD_LABEL, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
-from dpt_scale.shards.tar import iter_samples
+from dpt_scale.shards.rows import ShardRows, shard_rows
+from dpt_scale.shards.tar import open_map, iter_samples
 
 log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
+# Shards whose rows a worker keeps from one epoch to the next: all of a small set (MNIST: 10), a
+# bounded number of a large one, whose shards each hold more samples (the rows cost ~100 bytes each).
+ROWS_CACHED = 64
 
 
 class ShardLoader:
@@ -82,6 +93,7 @@ class ShardLoader:
         # `labels` replaces the shards' `cls` (pseudo-labels, or none at all for unlabelled data);
         # the `cls` members are then not even read, so hidden labels cannot leak into training.
         self.labels = labels
+        self.with_json = with_json
         self.fields = frozenset({self.field} | ({"cls"} if labels is None else set())
                                 | ({"json"} if with_json else set()))
         self.lost = 0
@@ -118,7 +130,7 @@ class ShardLoader:
                     is_shard_error, message = batch["error"]
                     raise (ShardError if is_shard_error else UserError)(message)
                 batch[self.name] = pool.received(*batch.pop("slot"), batch[self.name])
-                batch["cls"] = torch.from_numpy(batch["cls"])
+                batch["cls"], batch["key"] = torch.from_numpy(batch["cls"]), batch["key"].tolist()
                 pool.hand_back()
                 if batch["epoch"] != current:
                     self._report(current, lost)
@@ -152,6 +164,9 @@ class _Stream(IterableDataset):
 
     def __init__(self, loader: ShardLoader, first_epoch: int, first_batch: int, pool: BatchPool):
         self.ld, self.first_epoch, self.first_batch, self.pool = loader, first_epoch, first_batch, pool
+        self.maps: dict[int, mmap.mmap] = {}  # shard -> its bytes, for the current epoch
+        self.rows: dict[int, ShardRows] = {}  # shard -> its rows, the latest ROWS_CACHED shards read
+        self.jitter: np.ndarray | None = None  # the epoch's shuffle draw
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -170,169 +185,175 @@ class _Stream(IterableDataset):
         for n in count(self.first_batch + worker, workers):
             epoch, j = self.first_epoch + n // per_epoch, n % per_epoch
             if plan is None or plan.epoch != epoch:
-                plan, streams = self.ld.plan(epoch), {}  # the old streams close their shards
+                plan, streams, self.maps, self.jitter = self.ld.plan(epoch), {}, {}, None
                 consumed = self.first_batch if epoch == self.first_epoch else 0
             v = plan.stream_of(j)
             if v not in streams:
                 streams[v] = self._stream(plan, v, consumed)
-            yield self._collate(plan, list(islice(streams[v], plan.batch_len(j))), j, worker)
+            yield self._collate(plan, streams[v].take(plan.batch_len(j)), j, worker)
 
-    def _stream(self, plan: EpochPlan, v: int, consumed: int) -> Iterator[dict | None]:
-        """Stream v's raw samples (None for a lost one), shuffled, minus those of the first
-        `consumed` batches of the epoch."""
-        samples = chain.from_iterable(self._segment(seg) for seg in plan.segments(v))
+    def _stream(self, plan: EpochPlan, v: int, consumed: int) -> "_Cursor":
+        """Stream v's samples, shuffled, minus those of the first `consumed` batches of the epoch.
+        The shuffle moves each sample by less than the stream's share of the shuffle buffer (a
+        jittered sort), so a stream still reads its shards front to back, give or take that many."""
+        parts = [self._segment(seg) for seg in plan.segments(v)]
+        rows = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.arange(len(rows["shard"]))
         if self.ld.shuffle:
-            rng = random.Random(f"samples:{self.ld.seed}:{plan.epoch}:{self.ld.rank}:{v}")
+            if self.jitter is None:  # one draw per epoch, which each stream takes its part of
+                seed = random.Random(f"samples:{self.ld.seed}:{plan.epoch}:{self.ld.rank}").getrandbits(64)
+                self.jitter = np.random.default_rng(seed).random(plan.samples)
             size = max(1, self.ld.shuffle_buffer // self.ld.streams)  # the rank's buffer, shared out
-            samples = wds.shuffle(size, initial=size, rng=rng)(samples)
-        return islice(samples, plan.skipped(v, consumed), None)
+            start, stop = plan.stream_range(v)
+            order = np.argsort(order + self.jitter[start:stop] * size, kind="stable")
+        return _Cursor(rows, order[plan.skipped(v, consumed):])
 
-    def _segment(self, seg: Segment) -> Iterator[dict | None]:
-        entry = self.ld.manifest.shards[seg.shard]
-        path = self.ld.dir / entry.name
-        want, got = seg.stop - seg.start, 0
+    def _segment(self, seg: Segment) -> dict:
+        """The rows of samples seg.start to seg.stop; shard -1 marks a lost one (policy skip)."""
+        ld, entry = self.ld, self.ld.manifest.shards[seg.shard]
         try:
-            seek = self.ld.manifest.seek(seg.shard, seg.start)
-            for sample in iter_samples(path, seg.start, seg.stop, fields=self.ld.fields, seek=seek):
-                sample["__shard__"] = entry.name
-                got += 1
-                yield sample
-            if got < want:
-                raise ShardError(f"{path}: ends after {seg.start + got} samples but the manifest lists "
-                                 f"{entry.samples}; run `dpt-scale shards verify {self.ld.dir}`")
-        except ShardError as exc:
-            if self.ld.on_corrupt == "error":
+            rows = self.rows.get(seg.shard)
+            if rows is None:
+                rows = self.rows[seg.shard] = shard_rows(ld.manifest, ld.dir, seg.shard, self._map(seg.shard),
+                                                         ld.field, ld.with_json, ld.labels)
+                if len(self.rows) > ROWS_CACHED:
+                    del self.rows[next(iter(self.rows))]  # the oldest
+            else:
+                self._map(seg.shard)  # rows outlive an epoch, memory maps do not
+        except ShardError as exc:  # a missing or unreadable shard
+            if ld.on_corrupt == "error":
                 raise
-            log.warning(f"skipping {want - got} sample(s) of {entry.name}: {exc}")
-        yield from repeat(None, want - got)
+            n = seg.stop - seg.start
+            log.warning(f"skipping {n} sample(s) of {entry.name}: {exc}")
+            lost = {"shard": np.full(n, -1), "key": np.full(n, ""), "label": np.full(n, -1), "span": np.full((n, 2), -1)}
+            return lost | ({"json": lost["span"]} if ld.with_json else {})
+        part = {name: column[seg.start:seg.stop] for name, column in rows.columns.items()}
+        bad = None if rows.bad is None else rows.bad[seg.start:seg.stop]
+        if bad is not None and bad.any():
+            message = rows.explain(seg.start + int(np.argmax(bad > 0)))
+            if ld.on_corrupt == "error":
+                raise ShardError(message)
+            log.warning(f"skipping {int((bad > 0).sum())} sample(s) of {entry.name}: {message}")
+            part["shard"] = np.where(bad > 0, -1, part["shard"])
+        return part
 
-    def _collate(self, plan: EpochPlan, raw: list[dict | None], j: int, worker: int) -> dict:
-        """Decode a batch into a pooled buffer a chunk of images at a time: holding a whole batch of
-        decoded images first would cost fresh memory (page faults) every batch for large images,
-        and copying them one by one costs more than stacking for small ones."""
-        batch = _Batch(self.pool, worker, len(raw), self.ld.dir, self.ld.name, self.ld.in_place)
-        seed = random.Random(f"augment:{self.ld.seed}:{plan.epoch}:{self.ld.rank}:{j}").getrandbits(63)
-        with _seeded(seed) if self.ld.transform else nullcontext():
-            for sample in raw:
-                batch.add(None if sample is None else self._decode(sample, batch.place()))
-            if batch.filled == 0 and not batch.pending:  # not one readable sample in the whole batch
-                batch.add(self._first_readable())  # stands in; the batch's samples stay counted as lost
-        out = batch.finish()
-        out.update(epoch=plan.epoch, index=j)
-        if "json" not in self.ld.fields:
-            del out["json"]
+    def _map(self, shard: int) -> mmap.mmap:
+        if shard not in self.maps:
+            self.maps[shard] = open_map(str(self.ld.dir / self.ld.manifest.shards[shard].name))[0]
+        return self.maps[shard]
+
+    def _collate(self, plan: EpochPlan, rows: dict, j: int, worker: int) -> dict:
+        """Decode a batch into a pooled buffer; lost samples are replaced by repeats of good ones."""
+        ld, size = self.ld, len(rows["shard"])
+        batch = PooledBatch(self.pool, worker, size, ld.dir, ld.in_place)
+        seed = random.Random(f"augment:{ld.seed}:{plan.epoch}:{ld.rank}:{j}").getrandbits(63)
+        with _seeded(seed) if ld.transform else nullcontext():
+            good = self._fill_fast(batch, rows)
+        if good is None:  # a lost or damaged sample, or a JPEG for the other decoder: one at a time
+            batch.filled, batch.pending = 0, []
+            with _seeded(seed) if ld.transform else nullcontext():
+                good = self._fill(batch, rows)
+        out = {ld.name: batch.finish(), "lost": size - len(good), "slot": (worker, batch.slot),
+               "epoch": plan.epoch, "index": j}
+        if good:
+            take = np.asarray(good)[np.arange(size) % len(good)]  # repeats stand in for lost samples
+            # keys travel as one array (a list of strings pickles string by string), listed on arrival
+            out["cls"], out["key"] = rows["label"][take], rows["key"][take]
+            if ld.with_json:
+                out["json"] = [None if s < 0 else json.loads(self.maps[shard][s:e])
+                               for shard, (s, e) in zip(rows["shard"][take].tolist(), rows["json"][take].tolist())]
+        else:  # not one readable sample in the whole batch: the set's first stands in
+            label, key, meta = batch.stand_in
+            out["cls"], out["key"] = np.full(size, label, dtype=np.int64), np.full(size, key)
+            if ld.with_json:
+                out["json"] = [meta] * size
         return out
 
-    def _decode(self, sample: dict, place: np.ndarray | None = None) -> tuple | None:
-        """(image, class, key, json) of a raw sample; None if it is damaged and the policy skips.
-        The image is None when it was decoded straight into `place`."""
-        key, field = sample["__key__"], self.ld.field
-        try:
-            data = sample[field]
-            if place is not None and decode_jpeg_into(data, place):
-                image = None
-            else:
-                image = _load_array(data) if self.ld.channels is None else decode_image(data, self.ld.channels)
-            if self.ld.labels is not None:
-                label = self.ld.labels.get(key, -1)
-            else:
-                label = int(sample["cls"]) if "cls" in sample else -1
-        except (KeyError, ValueError) as exc:
-            problem = (f"sample '{key}' has no .{field} member" if isinstance(exc, KeyError) else
-                       f"member '{key}.{field}' does not decode ({exc})" if isinstance(exc, ImageDecodeError) else
-                       f"member '{key}.cls' is not an integer")
-            message = f"{self.ld.dir / sample['__shard__']}: {problem}"
-            if self.ld.on_corrupt == "error":
-                raise ShardError(message) from None
-            log.warning(f"skipping a damaged sample: {message}")
+    def _fill_fast(self, batch: "PooledBatch", rows: dict) -> list[int] | None:
+        """The usual case, every sample sound, with no Python work per sample besides decoding (list
+        comprehensions over whole chunks); None at the first exception to the rule."""
+        if rows["shard"].min() < 0 or rows["span"][:, 0].min() < 0:
             return None
-        if self.ld.transform is not None:  # (never with `place`)
-            image = self.ld.transform(image)
-        return image, label, key, json.loads(sample["json"]) if "json" in sample else None
+        maps, spans = self.maps, rows["span"]
+        data = [maps[s][a:b] for s, a, b in zip(rows["shard"].tolist(), spans[:, 0].tolist(), spans[:, 1].tolist())]
+        if batch.hwc is not None:  # JPEGs decoded straight into the batch
+            hwc = batch.hwc
+            if not all([decode_jpeg_into(d, hwc[i]) for i, d in enumerate(data)]):
+                return None
+            batch.filled = len(data)
+            return list(range(len(data)))
+        channels, plain = self.ld.channels, self.ld.channels is not None and self.ld.transform is None
+        try:
+            batch.add(self._decode(data[0]))  # fixes the chunk size
+            for at in range(1, len(data), batch.chunk):
+                chunk = data[at:at + batch.chunk]
+                batch.extend([decode_image(d, channels) for d in chunk] if plain else [self._decode(d) for d in chunk])
+        except ImageDecodeError:
+            return None
+        return list(range(len(data)))
+
+    def _fill(self, batch: "PooledBatch", rows: dict) -> list[int]:
+        """Sample by sample: lost ones skipped, damaged ones reported (or skipped, by the policy)."""
+        ld, maps, hwc, good = self.ld, self.maps, batch.hwc, []
+        for p, (shard, (start, end)) in enumerate(zip(rows["shard"].tolist(), rows["span"].tolist())):
+            if shard < 0:
+                continue
+            data = maps[shard][start:end]
+            try:
+                if hwc is not None and decode_jpeg_into(data, hwc[len(good)]):
+                    batch.filled += 1
+                else:
+                    batch.add(self._decode(data))
+            except ImageDecodeError as exc:
+                message = (f"{ld.dir / ld.manifest.shards[shard].name}: member "
+                           f"'{rows['key'][p]}.{ld.field}' does not decode ({exc})")
+                if ld.on_corrupt == "error":
+                    raise ShardError(message) from None
+                log.warning(f"skipping a damaged sample: {message}")
+                continue
+            good.append(p)
+        if not good:
+            image, batch.stand_in = self._first_readable()
+            batch.add(image)
+        return good
+
+    def _decode(self, data: bytes) -> torch.Tensor:
+        """The sample's image (or array), transformed."""
+        image = _load_array(data) if self.ld.channels is None else decode_image(data, self.ld.channels)
+        return image if self.ld.transform is None else self.ld.transform(image)
 
     def _first_readable(self) -> tuple:
-        """Stand-in for a batch with no readable sample: the first good sample of the set. (Not the
-        last good one this worker saw: a batch must depend only on the plan, or resume would differ.)"""
-        for entry in self.ld.manifest.shards:
+        """Stand-in for a batch with no readable sample: the first good sample of the set, as
+        (image, (label, key, json)). (Not the last good one this worker saw: a batch must depend
+        only on the plan, or resume would differ.)"""
+        ld = self.ld
+        for entry in ld.manifest.shards:
             try:
-                for sample in iter_samples(self.ld.dir / entry.name, fields=self.ld.fields):
-                    sample["__shard__"] = entry.name
-                    item = self._decode(sample)
-                    if item is not None:
-                        return item
+                for sample in iter_samples(ld.dir / entry.name, fields=ld.fields):
+                    key = sample["__key__"]
+                    label = ld.labels.get(key, -1) if ld.labels is not None else parse_label(sample.get("cls"))
+                    if ld.field not in sample or label == BAD_LABEL:
+                        continue
+                    try:
+                        image = self._decode(sample[ld.field])
+                    except ImageDecodeError:
+                        continue
+                    return image, (label, key, json.loads(sample["json"]) if "json" in sample else None)
             except ShardError:
                 continue
-        raise ShardError(f"{self.ld.dir}: not one sample of the set is readable; run `dpt-scale shards verify`")
+        raise ShardError(f"{ld.dir}: not one sample of the set is readable; run `dpt-scale shards verify`")
 
 
-class _Batch:
-    """Decoded samples gathered into a pooled buffer, CHUNK at a time, good samples first; lost
-    ones (None) are counted and replaced at the end by repeats of the good ones. With `in_place`
-    (the (C, H, W) of every image), the buffer is taken at once and `place()` is where the next
-    image may be decoded."""
+class _Cursor:
+    """A stream's rows in the order they are read, taken a batch at a time."""
 
-    CHUNK = 16
+    def __init__(self, rows: dict, order: np.ndarray):
+        self.rows, self.order, self.pos = rows, order, 0
 
-    def __init__(self, pool: BatchPool, worker: int, size: int, where: Path, name: str,
-                 in_place: tuple[int, int, int] | None = None):
-        self.pool, self.worker, self.size, self.where, self.name = pool, worker, size, where, name
-        self.images, self.slot, self.filled, self.lost = None, -1, 0, 0
-        self.pending: list[tuple] = []
-        self.meta: list[tuple] = []  # (class, key, json) of each filled position
-        self.hwc = None  # in place: the buffer as (B, H, W, C) arrays, the decoders' layout
-        if in_place:
-            self.images, self.slot = pool.take(worker, (size, *in_place), torch.uint8, in_place[0] > 1)
-            self.hwc = self.images.permute(0, 2, 3, 1).numpy()
-
-    def place(self) -> np.ndarray | None:
-        return None if self.hwc is None else self.hwc[self.filled]
-
-    def add(self, item: tuple | None) -> None:
-        if item is None:
-            self.lost += 1
-            return
-        if self.hwc is not None:  # in place; an image the JPEG decoder could not place is copied
-            if item[0] is not None:
-                self.pending.append(item)
-                self._flush()
-            else:
-                self.meta.append(item[1:])
-                self.filled += 1
-            return
-        self.pending.append(item)
-        if len(self.pending) == self.CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        first = self.pending[0][0]
-        if self.images is None:
-            if not isinstance(first, torch.Tensor):
-                raise UserError(f"the loader's transform must return a tensor, not {type(first).__name__}")
-            # The decoders give (C, H, W) views of (H, W, C) memory; a batch laid out the same way
-            # (channels_last) fills with plain copies, 10x faster than transposing (benchmarks.md).
-            hwc = first.dim() == 3 and first.shape[0] > 1 and first.stride(0) == 1
-            self.images, self.slot = self.pool.take(self.worker, (self.size, *first.shape), first.dtype, hwc)
-        end = self.filled + len(self.pending)
-        # Checked here: stack(out=) would resize a slice of another shape instead of failing.
-        if any(it[0].shape != self.images.shape[1:] for it in self.pending):
-            shapes = sorted({tuple(it[0].shape) for it in self.pending} | {tuple(self.images.shape[1:])})
-            raise UserError(f"{self.where}: images of different shapes {shapes[:3]} cannot form a batch; "
-                            "import with a fixed image size or pass a transform that resizes")
-        torch.stack([it[0] for it in self.pending], out=self.images[self.filled:end])
-        self.meta += [it[1:] for it in self.pending]
-        self.filled, self.pending = end, []
-
-    def finish(self) -> dict:
-        self._flush()
-        for pos in range(self.filled, self.size):  # repeats of good samples stand in for lost ones
-            self.images[pos].copy_(self.images[pos - self.filled])
-            self.meta.append(self.meta[pos - self.filled])
-        return {self.name: self.pool.send(self.slot, self.images),
-                "cls": np.array([m[0] for m in self.meta], dtype=np.int64),
-                "key": [m[1] for m in self.meta], "json": [m[2] for m in self.meta],
-                "lost": self.lost, "slot": (self.worker, self.slot)}
+    def take(self, n: int) -> dict:
+        chosen = self.order[self.pos:self.pos + n]
+        self.pos += n
+        return {name: column[chosen] for name, column in self.rows.items()}
 
 
 def _as_is(batch: dict) -> dict:

@@ -28,6 +28,8 @@ class ShardEntry:
     # Byte offsets of samples 0, k, 2k, ... (k = Manifest.index_every), so that a reader can start
     # inside a shard without walking it from the top. Empty for shards written by other tools.
     offsets: list[int] = field(default_factory=list)
+    # [start, end) of the shard's `__index__` member (index.py); empty for shards without one.
+    index: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -53,6 +53,12 @@ class EpochPlan:
         sizes = [sum(self.batch_len(j) for j in range(v, self.num_batches, streams)) for v in range(streams)]
         starts = [first + s for s in accumulate([0] + sizes[:-1])]
         self._stream_ranges = [(a, a + n) for a, n in zip(starts, sizes)]
+        self._first = first
+
+    def stream_range(self, stream: int) -> tuple[int, int]:
+        """Where `stream`'s samples lie within the rank's slice: [start, stop) from 0 to `samples`."""
+        lo, hi = self._stream_ranges[stream]
+        return lo - self._first, hi - self._first
 
     def batch_len(self, j: int) -> int:
         return min(self.batch_size, self.samples - j * self.batch_size)

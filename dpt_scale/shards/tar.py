@@ -48,7 +48,7 @@ def _header_checksum_ok(header: bytes) -> bool:
     return _octal(header[148:156]) == sum(header[:148]) + 8 * 32 + sum(header[156:])
 
 
-def _open_map(path: str) -> tuple[mmap.mmap, int]:
+def open_map(path: str) -> tuple[mmap.mmap, int]:
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -60,7 +60,7 @@ def _open_map(path: str) -> tuple[mmap.mmap, int]:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
 
 
-def _walk(path: str, mm: mmap.mmap, size: int, check_headers: bool,
+def walk_members(path: str, mm: mmap.mmap, size: int, check_headers: bool,
           pos: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
     """Yield (name, start, end, first) for every regular member from byte `pos` on: the name as raw
     bytes, its data mm[start:end], and `first`, where its first header (maybe a long-name or pax
@@ -134,7 +134,7 @@ def iter_samples(path: str | os.PathLike, start: int = 0, stop: int | None = Non
     from (see Manifest.seek). Raises TarFormatError naming the shard and member for a truncated or
     malformed shard."""
     path = str(path)
-    mm, size = _open_map(path)
+    mm, size = open_map(path)
     with mm:
         yield from _samples(path, mm, size, start, stop, fields, check_headers, seek)
 
@@ -143,7 +143,7 @@ def _samples(path, mm, size, start, stop, fields, check_headers, seek):
     (index, pos), key, sample = seek, None, None
     extensions: dict[bytes, str] = {}  # raw extension -> its lower-case text, decoded once
     index -= 1
-    for name, begin, end, first in _walk(path, mm, size, check_headers, pos):
+    for name, begin, end, first in walk_members(path, mm, size, check_headers, pos):
         slash = name.rfind(b"/") + 1
         if name.startswith(b"__", slash):  # webdataset metadata
             continue

@@ -2,7 +2,8 @@
 
 Per shard, in parallel: present, byte size and sha256 as in the manifest, every tar header's
 checksum, every sample complete with a label in range, every image fully decodable by PIL (a
-decoder independent of the loader's) with the manifest's channels and size, and the sample count.
+decoder independent of the loader's) with the manifest's channels and size, the sample count, and
+the stored sample index (index.py) against the samples themselves.
 Then across the set: duplicate keys, class histogram, stray shards and leftover temporaries.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from PIL import Image
 
 from dpt_scale.errors import ShardError
 from dpt_scale.shards.manifest import Manifest, ShardEntry
-from dpt_scale.shards.tar import TarFormatError, iter_samples
+from dpt_scale.shards.index import INDEX_MEMBER, read_index, walk_index
+from dpt_scale.shards.tar import TarFormatError, open_map, iter_samples
 from dpt_scale.shards.writer import TMP_SUFFIX
 
 
@@ -99,7 +101,24 @@ def _verify_shard(job) -> ShardReport:
         fault(Fault(entry.name, None, f"{count} samples readable, manifest says {entry.samples}"))
     elif entry.offsets and entry.offsets != offsets:
         fault(Fault(entry.name, None, "sample offsets differ from the manifest's index"))
+    elif entry.index:
+        _check_index(path, entry, fault)
     return report
+
+
+def _check_index(path: Path, entry: ShardEntry, fault) -> None:
+    """The shard's stored sample index must say what walking the shard says."""
+    mm, _ = open_map(str(path))
+    with mm:
+        try:
+            stored = read_index(path, mm, entry.index, entry.samples)
+        except ShardError as exc:
+            fault(Fault(entry.name, INDEX_MEMBER, str(exc).removeprefix(f"{path}: ")))
+            return
+        walked, _ = walk_index(path, mm)
+        if stored.dtype != walked.dtype or not (stored == walked).all():
+            fault(Fault(entry.name, INDEX_MEMBER, "the sample index differs from the samples (keys, labels or "
+                                                  "member positions); re-create the shard set"))
 
 
 def _check_sample(shard: str, sample: dict, image: dict | None, num_classes: int, report: ShardReport) -> None:

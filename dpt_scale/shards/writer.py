@@ -9,14 +9,17 @@ left by a killed process is removed by the next writer of the same shard.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
 
+from dpt_scale.shards.index import INDEX_MEMBER, IndexBuilder, parse_label
 from dpt_scale.shards.manifest import INDEX_EVERY, Manifest, ShardEntry
 
 TMP_SUFFIX = ".tmp"
@@ -64,25 +67,42 @@ class ShardWriter:
         self.samples = 0
         self.payload = 0  # estimated bytes so far, for the caller's byte limit
         self.offsets: list[int] = []  # byte offset of every INDEX_EVERY-th sample
+        self.index = IndexBuilder()
 
     def write(self, sample: dict) -> None:
         self.write_encoded(encode_fields(sample))
 
     def write_encoded(self, fields: dict) -> None:
+        stream = self._tar.tarstream
         if self.samples % INDEX_EVERY == 0:
-            self.offsets.append(self._tar.tarstream.offset)
-        self._tar.write(fields)
+            self.offsets.append(stream.offset)
+        key, spans = fields["__key__"], {}
+        for ext in sorted(fields):  # one member at a time (TarWriter's order), to learn where each lies
+            if ext != "__key__":
+                self._tar.write({"__key__": key, ext: fields[ext]})
+                end = stream.offset - (-len(fields[ext]) % 512)  # the member's data ends before its padding
+                spans[ext] = (end - len(fields[ext]), end)
+        self.index.add(key, parse_label(fields.get("cls")), spans)
         self.samples += 1
         self.payload += estimate_size(fields)
 
+    def _write_index(self) -> list[int]:
+        data = self.index.to_bytes()
+        info = tarfile.TarInfo(INDEX_MEMBER)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, self._tar.mode, "dpt", "dpt"
+        self._tar.tarstream.addfile(info, io.BytesIO(data))
+        end = self._tar.tarstream.offset - (-len(data) % 512)
+        return [end - len(data), end]
+
     def close(self) -> ShardEntry:
+        index = self._write_index()
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
         return ShardEntry(self.path.name, self.samples, self._hashing.bytes, self._hashing.sha256.hexdigest(),
-                          self.offsets)
+                          self.offsets, index)
 
     def abort(self) -> None:
         try:

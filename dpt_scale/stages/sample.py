@@ -28,7 +28,7 @@ from dpt_scale.engine.export import weights_identity
 from dpt_scale.errors import UserError
 from dpt_scale.generation.plan import GenerationPlan
 from dpt_scale.generation.writer import BackgroundShardWriter
-from dpt_scale.recipe import Recipe, save_recipe
+from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import ShardEntry, write_json
 from dpt_scale.shards.writer import TMP_SUFFIX, SetStats
 from dpt_scale.stages.train_diffusion import load_diffusion
