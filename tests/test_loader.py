@@ -118,12 +118,12 @@ def test_shards_without_a_usable_index_are_walked_to_the_same_batches(uneven_set
     assert "index member is not where it says" in caplog.text and "walking its headers" in caplog.text
 
 
-def test_rows_kept_between_epochs_change_nothing_when_few_are_kept(uneven_set, monkeypatch):
+def test_shards_kept_between_epochs_change_nothing_when_few_are_kept(uneven_set, monkeypatch):
     import dpt_scale.shards.loader as loader_module
 
     loader = ShardLoader(uneven_set, batch_size=4, seed=5, world_size=1, rank=0, streams=2)
     reference = [b["key"] for b in islice(loader.batches(0), 3 * len(loader))]
-    monkeypatch.setattr(loader_module, "ROWS_CACHED", 1)  # every shard's rows rebuilt when read again
+    monkeypatch.setattr(loader_module, "SHARDS_KEPT", 1)  # rows rebuilt and shards reopened when read again
     assert [b["key"] for b in islice(loader.batches(0), 3 * len(loader))] == reference
 
 

@@ -57,9 +57,10 @@ from dpt_scale.shards.tar import open_map, iter_samples
 
 log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
-# Shards whose rows a worker keeps from one epoch to the next: all of a small set (MNIST: 10), a
-# bounded number of a large one, whose shards each hold more samples (the rows cost ~100 bytes each).
-ROWS_CACHED = 64
+# Shards a worker keeps memory-mapped (each map holds a file descriptor) and whose rows it keeps
+# (~100 bytes a sample), the most recently used: all of a small set (MNIST: 10), so that epochs
+# after the first neither rebuild rows nor fault the pages in again; a bounded number of a large one.
+SHARDS_KEPT = 64
 
 
 class ShardLoader:
@@ -164,8 +165,8 @@ class _Stream(IterableDataset):
 
     def __init__(self, loader: ShardLoader, first_epoch: int, first_batch: int, pool: BatchPool):
         self.ld, self.first_epoch, self.first_batch, self.pool = loader, first_epoch, first_batch, pool
-        self.maps: dict[int, mmap.mmap] = {}  # shard -> its bytes, for the current epoch
-        self.rows: dict[int, ShardRows] = {}  # shard -> its rows, the latest ROWS_CACHED shards read
+        self.maps: dict[int, mmap.mmap] = {}  # shard -> its bytes, least recently used first
+        self.rows: dict[int, ShardRows] = {}  # shard -> its rows, oldest first
         self.jitter: np.ndarray | None = None  # the epoch's shuffle draw
 
     def __iter__(self) -> Iterator[dict]:
@@ -185,7 +186,7 @@ class _Stream(IterableDataset):
         for n in count(self.first_batch + worker, workers):
             epoch, j = self.first_epoch + n // per_epoch, n % per_epoch
             if plan is None or plan.epoch != epoch:
-                plan, streams, self.maps, self.jitter = self.ld.plan(epoch), {}, {}, None
+                plan, streams, self.jitter = self.ld.plan(epoch), {}, None
                 consumed = self.first_batch if epoch == self.first_epoch else 0
             v = plan.stream_of(j)
             if v not in streams:
@@ -214,12 +215,13 @@ class _Stream(IterableDataset):
         try:
             rows = self.rows.get(seg.shard)
             if rows is None:
-                rows = self.rows[seg.shard] = shard_rows(ld.manifest, ld.dir, seg.shard, self._map(seg.shard),
-                                                         ld.field, ld.with_json, ld.labels)
-                if len(self.rows) > ROWS_CACHED:
+                mm = self._maps([seg.shard])[seg.shard]
+                rows = self.rows[seg.shard] = shard_rows(ld.manifest, ld.dir, seg.shard, mm, ld.field,
+                                                         ld.with_json, ld.labels)
+                if len(self.rows) > SHARDS_KEPT:
                     del self.rows[next(iter(self.rows))]  # the oldest
             else:
-                self._map(seg.shard)  # rows outlive an epoch, memory maps do not
+                self._maps([seg.shard])  # is it still there?
         except ShardError as exc:  # a missing or unreadable shard
             if ld.on_corrupt == "error":
                 raise
@@ -237,10 +239,17 @@ class _Stream(IterableDataset):
             part["shard"] = np.where(bad > 0, -1, part["shard"])
         return part
 
-    def _map(self, shard: int) -> mmap.mmap:
-        if shard not in self.maps:
-            self.maps[shard] = open_map(str(self.ld.dir / self.ld.manifest.shards[shard].name))[0]
-        return self.maps[shard]
+    def _maps(self, shards) -> dict[int, mmap.mmap]:
+        """The memory maps of these shards, opened as needed; the SHARDS_KEPT last used stay open."""
+        out = {}
+        for shard in set(shards):
+            mm = self.maps.pop(shard, None)
+            if mm is None:
+                mm = open_map(str(self.ld.dir / self.ld.manifest.shards[shard].name))[0]
+            self.maps[shard] = out[shard] = mm  # now the most recently used
+        while len(self.maps) > SHARDS_KEPT:
+            del self.maps[next(iter(self.maps))]
+        return out
 
     def _collate(self, plan: EpochPlan, rows: dict, j: int, worker: int) -> dict:
         """Decode a batch into a pooled buffer; lost samples are replaced by repeats of good ones."""
@@ -260,8 +269,10 @@ class _Stream(IterableDataset):
             # keys travel as one array (a list of strings pickles string by string), listed on arrival
             out["cls"], out["key"] = rows["label"][take], rows["key"][take]
             if ld.with_json:
-                out["json"] = [None if s < 0 else json.loads(self.maps[shard][s:e])
-                               for shard, (s, e) in zip(rows["shard"][take].tolist(), rows["json"][take].tolist())]
+                shards = rows["shard"][take].tolist()
+                maps = self._maps(shards)
+                out["json"] = [None if s < 0 else json.loads(maps[shard][s:e])
+                               for shard, (s, e) in zip(shards, rows["json"][take].tolist())]
         else:  # not one readable sample in the whole batch: the set's first stands in
             label, key, meta = batch.stand_in
             out["cls"], out["key"] = np.full(size, label, dtype=np.int64), np.full(size, key)
@@ -274,8 +285,9 @@ class _Stream(IterableDataset):
         comprehensions over whole chunks); None at the first exception to the rule."""
         if rows["shard"].min() < 0 or rows["span"][:, 0].min() < 0:
             return None
-        maps, spans = self.maps, rows["span"]
-        data = [maps[s][a:b] for s, a, b in zip(rows["shard"].tolist(), spans[:, 0].tolist(), spans[:, 1].tolist())]
+        shards, spans = rows["shard"].tolist(), rows["span"]
+        maps = self._maps(shards)
+        data = [maps[s][a:b] for s, a, b in zip(shards, spans[:, 0].tolist(), spans[:, 1].tolist())]
         if batch.hwc is not None:  # JPEGs decoded straight into the batch
             hwc = batch.hwc
             if not all([decode_jpeg_into(d, hwc[i]) for i, d in enumerate(data)]):
@@ -294,7 +306,8 @@ class _Stream(IterableDataset):
 
     def _fill(self, batch: "PooledBatch", rows: dict) -> list[int]:
         """Sample by sample: lost ones skipped, damaged ones reported (or skipped, by the policy)."""
-        ld, maps, hwc, good = self.ld, self.maps, batch.hwc, []
+        ld, hwc, good = self.ld, batch.hwc, []
+        maps = self._maps(s for s in rows["shard"].tolist() if s >= 0)
         for p, (shard, (start, end)) in enumerate(zip(rows["shard"].tolist(), rows["span"].tolist())):
             if shard < 0:
                 continue
