@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
-from dpt_scale.shards.decode import decode_image, decode_jpeg_into  # noqa: E402
 from dpt_scale.shards.batchpool import STACK_BYTES  # noqa: E402
+from dpt_scale.shards.decode import decode_image, decode_jpeg_into  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
 from dpt_scale.shards.tar import iter_samples  # noqa: E402

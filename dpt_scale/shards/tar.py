@@ -61,7 +61,7 @@ def open_map(path: str) -> tuple[mmap.mmap, int]:
 
 
 def walk_members(path: str, mm: mmap.mmap, size: int, check_headers: bool,
-          pos: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
+                 pos: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
     """Yield (name, start, end, first) for every regular member from byte `pos` on: the name as raw
     bytes, its data mm[start:end], and `first`, where its first header (maybe a long-name or pax
     header) begins."""

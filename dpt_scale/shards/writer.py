@@ -4,7 +4,8 @@ webdataset's ShardWriter writes straight to the final name (a crash leaves a tru
 later stops readers) and its `post=` hook also runs after an exception. So we keep webdataset's
 TarWriter for the tar format and own the file: it is written to `NAME.tmp`, hashed on the fly,
 fsynced and renamed only on success; on an exception the temporary is removed, and a temporary
-left by a killed process is removed by the next writer of the same shard.
+left by a killed process is removed by the next writer of the same shard. A shard's last member
+is its sample index (index.py), built as the samples are written.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ class ShardWriter:
         for ext in sorted(fields):  # one member at a time (TarWriter's order), to learn where each lies
             if ext != "__key__":
                 self._tar.write({"__key__": key, ext: fields[ext]})
-                end = stream.offset - (-len(fields[ext]) % 512)  # the member's data ends before its padding
+                end = stream.offset - (-len(fields[ext]) % tarfile.BLOCKSIZE)  # its data ends before the padding
                 spans[ext] = (end - len(fields[ext]), end)
         self.index.add(key, parse_label(fields.get("cls")), spans)
         self.samples += 1
@@ -91,7 +92,7 @@ class ShardWriter:
         info = tarfile.TarInfo(INDEX_MEMBER)
         info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, self._tar.mode, "dpt", "dpt"
         self._tar.tarstream.addfile(info, io.BytesIO(data))
-        end = self._tar.tarstream.offset - (-len(data) % 512)
+        end = self._tar.tarstream.offset - (-len(data) % tarfile.BLOCKSIZE)
         return [end - len(data), end]
 
     def close(self) -> ShardEntry:
