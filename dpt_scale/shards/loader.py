@@ -92,9 +92,10 @@ class ShardLoader:
         self.in_place = ((self.channels, *image["size"]) if field is None and transform is None
                          and image["field"] in ("jpg", "jpeg") and image["size"] else None)
         # `labels` replaces the shards' `cls` (pseudo-labels, or none at all for unlabelled data);
-        # the `cls` members are then not even read, so hidden labels cannot leak into training.
+        # the shards' own labels are then never used, so hidden labels cannot leak into training.
         self.labels = labels
         self.with_json = with_json
+        # the members a sample is read for
         self.fields = frozenset({self.field} | ({"cls"} if labels is None else set())
                                 | ({"json"} if with_json else set()))
         self.lost = 0
