@@ -21,7 +21,7 @@ import mmap
 import numpy as np
 
 from dpt_scale.errors import ShardError
-from dpt_scale.shards.tar import BLOCK, TarFormatError, walk_members
+from dpt_scale.shards.tar import BLOCK, TarFormatError, sample_spans
 
 INDEX_MEMBER = "__index__"
 NO_LABEL, BAD_LABEL = -1, -2
@@ -98,26 +98,11 @@ def read_index(path, mm: mmap.mmap, span: list[int], samples: int) -> np.ndarray
 def walk_index(path, mm: mmap.mmap) -> tuple[np.ndarray, TarFormatError | None]:
     """The index of a shard without one, by walking its headers: the samples up to the first
     fault, and that fault (None for a sound shard)."""
-    builder, key, label, spans = IndexBuilder(), None, NO_LABEL, {}
+    builder = IndexBuilder()
     try:
-        for name, start, end, _ in walk_members(str(path), mm, len(mm), False):
-            slash = name.rfind(b"/") + 1
-            if name.startswith(b"__", slash):  # webdataset metadata (and our own index)
-                continue
-            dot = name.find(b".", slash)
-            k = (name[:dot] if dot >= 0 else name).decode()
-            if k != key:
-                if key is not None:
-                    builder.add(key, label, spans)
-                key, label, spans = k, NO_LABEL, {}
-            ext = name[dot + 1:].decode().lower() if dot >= 0 else ""
-            if ext in spans:
-                raise TarFormatError(path, f"member '{name.decode()}' appears twice in a sample", name.decode())
-            spans[ext] = (start, end)
-            if ext == "cls":
-                label = parse_label(mm[start:end])
+        for key, _, spans in sample_spans(str(path), mm, len(mm)):
+            cls = spans.get("cls")
+            builder.add(key, NO_LABEL if cls is None else parse_label(mm[cls[0]:cls[1]]), spans)
     except TarFormatError as exc:
         return builder.array(), exc  # the sample being read when it failed is dropped
-    if key is not None:
-        builder.add(key, label, spans)
     return builder.array(), None

@@ -228,7 +228,8 @@ class _Stream(IterableDataset):
                 raise
             n = seg.stop - seg.start
             log.warning(f"skipping {n} sample(s) of {entry.name}: {exc}")
-            lost = {"shard": np.full(n, -1), "key": np.full(n, ""), "label": np.full(n, -1), "span": np.full((n, 2), -1)}
+            lost = {"shard": np.full(n, -1), "key": np.full(n, ""), "label": np.full(n, -1),
+                    "span": np.full((n, 2), -1)}
             return lost | ({"json": lost["span"]} if ld.with_json else {})
         part = {name: column[seg.start:seg.stop] for name, column in rows.columns.items()}
         bad = None if rows.bad is None else rows.bad[seg.start:seg.stop]
@@ -256,7 +257,7 @@ class _Stream(IterableDataset):
         """Decode a batch into a pooled buffer; lost samples are replaced by repeats of good ones."""
         ld, size = self.ld, len(rows["shard"])
         batch = PooledBatch(self.pool, worker, size, ld.dir, ld.in_place)
-        seed = random.Random(f"augment:{ld.seed}:{plan.epoch}:{ld.rank}:{j}").getrandbits(63)
+        seed = random.Random(f"augment:{ld.seed}:{plan.epoch}:{ld.rank}:{j}").getrandbits(63) if ld.transform else None
         with _seeded(seed) if ld.transform else nullcontext():
             good = self._fill_fast(batch, rows)
         if good is None:  # a lost or damaged sample, or a JPEG for the other decoder: one at a time

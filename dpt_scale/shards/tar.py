@@ -140,32 +140,45 @@ def iter_samples(path: str | os.PathLike, start: int = 0, stop: int | None = Non
 
 
 def _samples(path, mm, size, start, stop, fields, check_headers, seek):
-    (index, pos), key, sample = seek, None, None
+    for key, first, spans in sample_spans(path, mm, size, start, stop, check_headers, seek):
+        sample = {"__key__": key, "__offset__": first}
+        for ext, (begin, end) in spans.items():
+            if fields is None or ext in fields:
+                sample[ext] = mm[begin:end]
+        yield sample
+
+
+def sample_spans(path: str, mm: mmap.mmap, size: int, start: int = 0, stop: int | None = None,
+                 check_headers: bool = False, seek: tuple[int, int] = (0, 0)
+                 ) -> Iterator[tuple[str, int, dict[str, tuple[int, int]]]]:
+    """Yield (key, first, {ext: (start, end)}) for samples `start` to `stop` of a mapped shard:
+    where each member's data lies (mm[start:end]) and `first`, where the sample's first header
+    begins. Arguments as for iter_samples."""
+    (index, pos), key, spans, offset = seek, None, None, 0
     extensions: dict[bytes, str] = {}  # raw extension -> its lower-case text, decoded once
     index -= 1
     for name, begin, end, first in walk_members(path, mm, size, check_headers, pos):
         slash = name.rfind(b"/") + 1
-        if name.startswith(b"__", slash):  # webdataset metadata
+        if name.startswith(b"__", slash):  # webdataset metadata (and our sample index)
             continue
         dot = name.find(b".", slash)
         k = name[:dot] if dot >= 0 else name
         if k != key:  # a new sample starts
-            if sample is not None:
-                yield sample
-                sample = None
+            if spans is not None:
+                yield key.decode(), offset, spans
+                spans = None
             key, index = k, index + 1
             if stop is not None and index >= stop:
                 return
             if index >= start:
-                sample = {"__key__": k.decode(), "__offset__": first}
-        if sample is not None:
+                spans, offset = {}, first
+        if spans is not None:
             raw = name[dot + 1:] if dot >= 0 else b""
             ext = extensions.get(raw)
             if ext is None:
                 ext = extensions[raw] = raw.decode().lower()
-            if fields is None or ext in fields:
-                if ext in sample:
-                    raise TarFormatError(path, f"member '{name.decode()}' appears twice in a sample", name.decode())
-                sample[ext] = mm[begin:end]
-    if sample is not None:
-        yield sample
+            if ext in spans:
+                raise TarFormatError(path, f"member '{name.decode()}' appears twice in a sample", name.decode())
+            spans[ext] = (begin, end)
+    if spans is not None:
+        yield key.decode(), offset, spans
