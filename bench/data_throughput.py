@@ -1,6 +1,7 @@
 """Data throughput, all in one run on the same images:
 
   (a) decode only: our decoder over the encoded bytes held in memory (the limit of any reader),
+      in-process and inside 1 and 2 DataLoader worker processes (the limit per worker),
   (a') batch floor: the same bytes decoded into their places in a batch buffer, in order, as our
        loader fills a batch (what a loader with no work of its own besides decoding would reach),
   (b) our shard loader (dpt_scale.shards.loader.ShardLoader), 0 / 1 / 2 worker processes,
@@ -9,9 +10,11 @@ plus import throughput (`dpt-scale data import`) and, for context, PIL, torchvis
 decode_image and (if installed) TorchCodec on the same bytes.
 
 Goals: (b) >= 0.9 x (a) per worker, and (b) >= 2 x (c). Every process decodes on one thread, as
-dataloader workers do. Figures are medians over repeated timings. (b) and (c) are timed as a long
-training run sees them: from the 13th batch on, once the workers run and the batch buffers
-exist; the time to the first batch (start-up) is reported apart.
+dataloader workers do. Rates are taken in short windows (~WINDOW_S of the decode loop), round after
+round; each window of a reader is paired with a window of (a), in as many processes, run just
+before it, and a ratio is the median of those pairs: the host's drift hits both sides alike.
+Loaders are timed as a long training run sees them: epoch after epoch, from the 13th batch on,
+once the workers run and the batch buffers exist; the time to the first batch is reported apart.
 
     python bench/data_throughput.py [--quick] [--json results.json]
 """
@@ -33,7 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,7 +50,7 @@ from dpt_scale.shards.manifest import Manifest  # noqa: E402
 from dpt_scale.shards.tar import iter_samples  # noqa: E402
 
 BATCH = 256
-EPOCHS = 3  # per timing, read straight through
+WINDOW_S = 0.4  # seconds of the decode loop per timed window
 # Batches read before a loader's timing starts: by then every pooled batch buffer of ours exists
 # (a 256 px batch buffer's first fill costs ~12 ms more than a refill (page faults), once per buffer in a whole run).
 WARMUP = 12
@@ -89,127 +92,204 @@ def gray_loader(path: str) -> Image.Image:
         return img.convert("L")
 
 
-def count_images(batches) -> int:
-    return sum(len(b[0] if isinstance(b, (list, tuple)) else b["image"]) for b in batches)
-
-
-def steady(batches, count: int, startup: list) -> float:
-    """Seconds for `count` batches after the first WARMUP; the first batch's wait goes to `startup`."""
-    start = time.perf_counter()
-    next(batches)
-    startup.append(time.perf_counter() - start)
-    for _ in islice(batches, WARMUP - 1):
-        pass
-    begin = time.perf_counter()
-    count_images(islice(batches, count))
-    seconds = time.perf_counter() - begin
-    if hasattr(batches, "close"):
-        batches.close()  # stops the workers, outside the timing
-    return seconds
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def measure(name: str, shards: Path, files: Path, channels: int, repeats: int, import_rate: dict) -> dict:
+class Batches:
+    """An endless source of batches from a DataLoader-like iterator; `window(k)` times k batches.
+    Before each window, the batches the workers prefetched while the source stood idle are taken
+    untimed: by then every worker has a new task, so the window sees the steady rate."""
+
+    def __init__(self, batches, prefetched: int):
+        self.batches, self.prefetched = batches, prefetched
+        start = time.perf_counter()
+        next(self.batches)
+        self.startup = time.perf_counter() - start  # the wait for the first batch
+        for _ in islice(self.batches, WARMUP - 1):  # every worker running, every batch buffer made
+            pass
+
+    def window(self, k: int) -> float:
+        for _ in islice(self.batches, self.prefetched):
+            pass
+        start = time.perf_counter()
+        for _ in islice(self.batches, k):
+            pass
+        seconds = time.perf_counter() - start
+        # Each worker still has two batches to make: let it finish them before the next window
+        # (of another source) starts, or it would slow that one down.
+        time.sleep(1.2 * self.prefetched * seconds / k + 0.02)
+        return seconds
+
+    def close(self) -> None:
+        if hasattr(self.batches, "close"):
+            self.batches.close()
+
+
+def _epochs(dl: DataLoader):
+    while True:
+        yield from dl
+
+
+def decode_only(blobs: list, out: np.ndarray) -> None:
+    """The limit: our decoder over encoded bytes in memory, nothing else. JPEGs are decoded into
+    one reused (H, W, C) array, as fast as this decoder goes (a fresh 256 px output per image costs
+    page faults); other images are decoded and dropped (their decoder has no such option)."""
+    for b in blobs:
+        decode_jpeg_into(b, out) or decode_image(b, out.shape[2])
+
+
+class _DecodeOnly(IterableDataset):
+    """The decode loop inside a DataLoader worker: each item is one batch's worth of images
+    decoded (the worker's share of the set, cycling); only the count crosses over."""
+
+    def __init__(self, blobs: list, out_shape: tuple[int, int, int]):
+        self.blobs, self.out_shape = blobs, out_shape
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.blobs[info.id::info.num_workers] if info else self.blobs
+        out = np.empty(self.out_shape, dtype=np.uint8)
+        while True:
+            for i in range(0, len(mine), BATCH):
+                decode_only(mine[i:i + BATCH], out)
+                yield BATCH
+
+
+class Decoding:
+    """An in-process decode loop as an endless source: `window(k)` runs it over the next k batches'
+    worth of images, cycling through the set."""
+
+    def __init__(self, per_image, blobs: list):
+        self.per_image, self.blobs, self.at = per_image, blobs, 0
+
+    def window(self, k: int) -> float:
+        n = len(self.blobs)
+        part = [self.blobs[(self.at + i) % n] for i in range(k * BATCH)]
+        self.at = (self.at + k * BATCH) % n
+        start = time.perf_counter()
+        self.per_image(part)
+        return time.perf_counter() - start
+
+
+def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, import_rate: dict) -> dict:
     manifest = Manifest.load(shards)
     field = manifest.image["field"]
     blobs = [s[field] for e in manifest.shards for s in iter_samples(shards / e.name, fields=frozenset({field}))]
     n = len(blobs)
     mode = "GRAY" if channels == 1 else "RGB"
 
-    def pil():
-        for b in blobs:
+    def pil(part):
+        for b in part:
             with Image.open(io.BytesIO(b)) as img:
                 np.asarray(img.convert("L" if channels == 1 else "RGB"))
 
-    def tv_public():
+    def tv_public(part):
         from torchvision.io import ImageReadMode, decode_image as tv_decode
-        for b in blobs:
+        for b in part:
             tv_decode(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode[mode])
 
-    # (callable, images it handles): every configuration runs once per repeat, in turn, so that
-    # the machine's drift hits all of them alike; ratios are medians of per-repeat ratios.
-    def decode_limit():
-        for b in blobs:  # each output dropped at once, as in the other decode loops
-            decode_image(b, channels)
+    hw = manifest.image["size"]
+    one_image = np.empty((*hw, channels), dtype=np.uint8)
 
-    def torchcodec_loop():
+    def torchcodec_loop(part):
         from torchcodec.decoders import decode_image as tc_decode
-        for b in blobs:
+        for b in part:
             tc_decode(b, mode=mode)
 
     # The most a loader written in Python can reach: every image decoded into its place in a batch
     # buffer as our loader does, from bytes already in memory and in order; no tar walk, shuffle,
     # labels, keys or hand-over to another process.
-    batch = torch.empty(BATCH, channels, *manifest.image["size"], dtype=torch.uint8,
+    batch = torch.empty(BATCH, channels, *hw, dtype=torch.uint8,
                         memory_format=torch.channels_last)
     hwc = batch.permute(0, 2, 3, 1).numpy()
-
     chunk = max(1, min(BATCH, STACK_BYTES // batch[0].nbytes))  # as the loader stacks
 
-    def batch_floor():
-        for at in range(0, n, BATCH):
-            part = blobs[at:at + BATCH]
+    def batch_floor(part):
+        for at in range(0, len(part), BATCH):
+            images = part[at:at + BATCH]
             if field in ("jpg", "jpeg"):
-                for i, b in enumerate(part):
+                for i, b in enumerate(images):
                     decode_jpeg_into(b, hwc[i])
             else:
-                for c in range(0, len(part), chunk):
-                    images = [decode_image(b, channels) for b in part[c:c + chunk]]
-                    torch.stack(images, out=batch[c:c + len(images)])
+                for c in range(0, len(images), chunk):
+                    decoded = [decode_image(b, channels) for b in images[c:c + chunk]]
+                    torch.stack(decoded, out=batch[c:c + len(decoded)])
 
-    configs = {"decode_limit": (decode_limit, n), "batch_floor": (batch_floor, n),
-               "pil_decode": (pil, n), "torchvision_public_decode": (tv_public, n),
-               "tar_parse_only": (lambda: sum(1 for e in manifest.shards for _ in iter_samples(shards / e.name)), n)}
+    sources = {"decode_limit": Decoding(lambda part: decode_only(part, one_image), blobs),
+               "batch_floor": Decoding(batch_floor, blobs), "pil_decode": Decoding(pil, blobs),
+               "torchvision_public_decode": Decoding(tv_public, blobs)}
     try:
         import torchcodec  # noqa: F401  (optional: measured when installed)
-        configs["torchcodec_decode"] = (torchcodec_loop, n)
+        sources["torchcodec_decode"] = Decoding(torchcodec_loop, blobs)
     except ImportError:
         pass
-    startups = {}
-    for workers in (0, 1, 2):  # EPOCHS epochs straight through, as training reads them
+    # The decode loop run in 1 and 2 DataLoader workers: what a worker can decode while the main
+    # process is active too (on this VM, any work on the second vCPU slows the first, by up to a sixth).
+    for workers in (1, 2):
+        dl = DataLoader(_DecodeOnly(blobs, one_image.shape), batch_size=None, num_workers=workers)
+        sources[f"decode_limit_{workers}w"] = Batches(iter(dl), prefetched=2 * workers)
+    # Loaders read epoch after epoch, as training does (ours: one endless stream of batches).
+    for workers in (0, 1, 2):
         loader = ShardLoader(shards, BATCH, workers=workers, streams=24, world_size=1, rank=0)
-        count = EPOCHS * len(loader) - WARMUP
-        startups[f"ours_{workers}w"] = []
-        configs[f"ours_{workers}w"] = (lambda ld=loader, c=count, s=startups[f"ours_{workers}w"]: steady(
-            ld.batches(0), c, s), count * BATCH)
+        sources[f"ours_{workers}w"] = Batches(loader.batches(0), prefetched=2 * workers)
     folder = datasets.ImageFolder(files, transform=transforms.PILToTensor(),
                                   loader=gray_loader if channels == 1 else datasets.folder.pil_loader)
     for workers in (1, 2):
-        def folder_epochs(workers=workers):
-            dl = DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
-                            persistent_workers=True)
-            epochs = (batch for _ in range(EPOCHS) for batch in dl)
-            return steady(epochs, EPOCHS * (n // BATCH) - WARMUP, startups[f"imagefolder_{workers}w"])
-        startups[f"imagefolder_{workers}w"] = []
-        configs[f"imagefolder_{workers}w"] = (folder_epochs, (EPOCHS * (n // BATCH) - WARMUP) * BATCH)
-    runs = {key: [] for key in configs}
-    for _ in range(repeats):
-        for key, (fn, items) in configs.items():
-            runs[key].append(items / (fn() if key in startups else timed(fn)))
-    ratio = lambda a, b, k=1: statistics.median(x / k / y for x, y in zip(runs[a], runs[b]))  # noqa: E731
+        dl = DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=True)
+        sources[f"imagefolder_{workers}w"] = Batches(_epochs(dl), prefetched=2 * workers)
+    # A window is ~WINDOW_S of the decode loop, and at least 8 batches.
+    k = max(8, round(WINDOW_S * 8 / sources["decode_limit"].window(8)))
+    # Each window of a reader is paired with a window of the decode loop in as many processes run
+    # just before it, so that the host's drift (this shared machine's speed moves by tens of percent
+    # within minutes) hits both alike; a ratio is the median of the pairs' ratios.
+    reference = {"ours_1w": "decode_limit_1w", "ours_2w": "decode_limit_2w"}
+    pairs = {key: [] for key in sources if key != "decode_limit"}
+    rates = {key: [] for key in sources}
+    keys = list(pairs)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each round starts one further on
+            ref = reference.get(key, "decode_limit")
+            a = k * BATCH / sources[ref].window(k)
+            b = k * BATCH / sources[key].window(k)
+            rates[ref].append(a)
+            rates[key].append(b)
+            pairs[key].append(b / a)
+    tar_parse = statistics.median(n / timed(lambda: sum(1 for e in manifest.shards for _ in iter_samples(shards / e.name)))
+                                  for _ in range(3))
+    startup = {key: round(s.startup * 1e3, 1) for key, s in sources.items()
+               if isinstance(s, Batches) and not key.startswith("decode")}
+    for s in sources.values():
+        if isinstance(s, Batches):
+            s.close()
+    median = lambda key: statistics.median(rates[key])  # noqa: E731
+    ratio = lambda key, per=1: statistics.median(pairs[key]) / per  # noqa: E731
     result = {"name": name, "images": n, "image": manifest.image, "mean_bytes": int(np.mean([len(b) for b in blobs])),
-              "rates": {k: round(statistics.median(v)) for k, v in runs.items()}, "import": import_rate,
-              "startup_ms": {k: round(statistics.median(v) * 1e3, 1) for k, v in startups.items()},
-              "ratios": {"batch_floor / decode_limit": ratio("batch_floor", "decode_limit"),
-                         "ours_1w / batch_floor": ratio("ours_1w", "batch_floor"),
-                         "ours_0w / decode_limit": ratio("ours_0w", "decode_limit"),
-                         "ours_1w / decode_limit": ratio("ours_1w", "decode_limit"),
-                         "ours_2w / 2 / decode_limit": ratio("ours_2w", "decode_limit", 2),
-                         "ours_1w / imagefolder_1w": ratio("ours_1w", "imagefolder_1w"),
-                         "ours_2w / imagefolder_2w": ratio("ours_2w", "imagefolder_2w")}}
+              "window_batches": k, "rounds": rounds,
+              "rates": {key: round(median(key)) for key in rates} | {"tar_parse_only": round(tar_parse)},
+              "import": import_rate, "startup_ms": startup,
+              "pairs": {key: [round(r, 3) for r in v] for key, v in pairs.items()},
+              "ratios": {"batch_floor / decode_limit": ratio("batch_floor"),
+                         "decode_limit_1w / decode_limit": ratio("decode_limit_1w"),
+                         "ours_0w / decode_limit": ratio("ours_0w"),
+                         "ours_1w / decode_limit_1w": ratio("ours_1w"),
+                         "ours_2w / decode_limit_2w": ratio("ours_2w"),
+                         "ours_1w / decode_limit": median("ours_1w") / median("decode_limit"),
+                         "ours_2w / 2 / decode_limit": median("ours_2w") / 2 / median("decode_limit"),
+                         "ours_1w / imagefolder_1w": median("ours_1w") / median("imagefolder_1w"),
+                         "ours_2w / imagefolder_2w": median("ours_2w") / median("imagefolder_2w")}}
     print(f"\n## {name}: {n} images, {manifest.image['field']}, {manifest.image['channels']} channel(s), "
-          f"{manifest.image['size']}, {result['mean_bytes']} bytes on average")
+          f"{manifest.image['size']}, {result['mean_bytes']} bytes on average; {rounds} rounds of "
+          f"{k}-batch windows")
     for key, value in {**result["rates"], **import_rate}.items():
-        print(f"  {key:<28} {value:>9} img/s")
+        print(f"  {key:<36} {value:>9} img/s")
     for key, value in result["ratios"].items():
-        print(f"  {key:<28} {value:>9.2f}")
-    for key, value in result["startup_ms"].items():
-        print(f"  {key + ' first batch':<28} {value:>9.1f} ms")
+        print(f"  {key:<36} {value:>9.2f}")
+    for key, value in startup.items():
+        print(f"  {key + ' first batch':<36} {value:>9.1f} ms")
     return result
 
 
@@ -240,21 +320,25 @@ def batch_memory(repeats: int = 30) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="fewer images and rounds (a smoke run)")
+    ap.add_argument("--only", choices=("28", "64", "256"), help="measure one image set")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    repeats = 2 if args.quick else 5
+    rounds = 3 if args.quick else 15
     info = machine()
     print("machine:", json.dumps(info))
     results = []
     with tempfile.TemporaryDirectory(prefix="dpt-bench-") as tmp:
         work = Path(tmp)
-        seconds = timed_import(["mnist", "--out", str(work / "mnist"), "--workers", "2"])
-        mnist_files(work / "mnist" / "train", work / "mnist_files")
-        results.append(measure("MNIST 28x28 PNG (embedded)", work / "mnist" / "train", work / "mnist_files", 1,
-                               repeats, {"import_mnist_2proc": round(12_000 / seconds)}))
+        if args.only in (None, "28"):
+            seconds = timed_import(["mnist", "--out", str(work / "mnist"), "--workers", "2"])
+            mnist_files(work / "mnist" / "train", work / "mnist_files")
+            results.append(measure("MNIST 28x28 PNG (embedded)", work / "mnist" / "train", work / "mnist_files", 1,
+                                   rounds, {"import_mnist_2proc": round(12_000 / seconds)}))
         for size, n in ((64, 2_000 if args.quick else 10_000), (256, 1_536 if args.quick else 4_000)):
+            if args.only not in (None, str(size)):
+                continue
             src = work / f"jpg{size}"
             make_folder(src, n, size)
             rate = {"import_imagefolder_2proc": round(n / timed_import(
@@ -264,7 +348,7 @@ def main() -> None:
                     ["imagefolder", str(src), "--out", str(work / "s256to64"), "--format", "jpg",
                      "--image-size", "64", "--workers", "2"]))
             results.append(measure(f"{size}x{size} JPEG (photo-like, synthetic)", work / f"s{size}" / "train",
-                                   src, 3, repeats, rate))
+                                   src, 3, rounds, rate))
     memory = batch_memory()
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results, "batch_memory": memory}, indent=1))
