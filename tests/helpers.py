@@ -27,6 +27,15 @@ def png(value: int, size: int = 8, channels: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def jpeg(value: int, size: int, mode: str = "RGB") -> bytes:
+    """A JPEG of random pixels seeded by `value`, saved in colour mode `mode` (RGB, L, CMYK)."""
+    rng = np.random.default_rng(value)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def make_shard_set(directory: Path, shard_sizes: list[int], num_classes: int = 4, size: int = 8, channels: int = 1):
     """Shards with exactly the given sample counts; sample i has key s{i:05d} and class i % classes."""
     classes = [f"c{c}" for c in range(num_classes)]

@@ -16,7 +16,7 @@ import yaml
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
 from dpt_scale.shards.writer import ShardSetWriter
-from helpers import REPO, assert_one_line_error, make_shard_set, png, run_cli, torchrun
+from helpers import REPO, assert_one_line_error, jpeg, make_shard_set, png, run_cli, torchrun
 
 CLASSES = 4
 
@@ -147,6 +147,36 @@ def test_two_ranks_write_the_same_pseudo_labels_as_one(tmp_path):
     for name in one:
         assert one[name]["keys"] == two[name]["keys"] and one[name]["labels"] == two[name]["labels"]
         assert one[name]["confidence"] == pytest.approx(two[name]["confidence"], abs=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_shard_reader_gives_each_shards_images_in_order_and_names_a_damaged_one(tmp_path, workers):
+    """map_shards, under pseudo-labelling, evaluation and encoding: every shard's keys, labels and
+    pixels in sample order (JPEGs decoded in place; a CMYK one takes the general decoder), and a
+    sample that does not decode stops it with the shard, the key and the verify command."""
+    from dpt_scale.classification.inference import map_shards
+    from dpt_scale.errors import ShardError
+    from dpt_scale.shards.decode import decode_image
+
+    def write(directory, blobs):
+        with ShardSetWriter(directory, classes=["a", "b", "c"], max_samples=5, image_field="jpg") as w:
+            for i, data in enumerate(blobs):
+                w.write({"__key__": f"k{i:02d}", "jpg": data, "cls": i % 3}, (3, 16, 16))
+        return directory
+
+    blobs = [jpeg(i, 16, "CMYK" if i == 6 else "RGB") for i in range(12)]
+    good = write(tmp_path / "good", blobs)
+    parts = list(map_shards(lambda x: x.flatten(1), good, [2, 0, 1], batch_size=2, device=torch.device("cpu"),
+                            workers=workers, read_labels=True))
+    assert sorted(p.shard for p in parts) == [0, 1, 2]
+    for part in parts:
+        numbers = range(5 * part.shard, min(5 * part.shard + 5, 12))
+        assert part.keys == [f"k{i:02d}" for i in numbers]
+        assert part.labels.tolist() == [i % 3 for i in numbers]
+        assert torch.equal(part.outputs, torch.stack([decode_image(blobs[i], 3) for i in numbers]).flatten(1))
+    damaged = write(tmp_path / "damaged", [b[:200] if i == 7 else b for i, b in enumerate(blobs)])
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: sample 'k07' has no readable \.jpg .*shards verify"):
+        list(map_shards(lambda x: x.flatten(1), damaged, [0, 1, 2], 2, torch.device("cpu"), workers=workers))
 
 
 def pseudo_set(directory, n, tag):

@@ -1,17 +1,15 @@
 """The shard loader: equal work per rank, a fixed order per (seed, epoch), exact mid-epoch resume,
 and the damaged-data policies."""
-import io
 from itertools import islice
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan
+from helpers import jpeg
 
 
 def keys(loader, epoch=0, offset=0):
@@ -271,14 +269,6 @@ def test_a_slow_consumer_always_sees_each_batch_as_decoded(uneven_set):
         assert all(torch.equal(image, by_key[k]) for k, image in zip(batch["key"], batch["image"]))
 
 
-def _jpeg(value: int, size: int, mode: str) -> bytes:
-    rng = np.random.default_rng(value)
-    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_jpeg_batches_hold_the_pixels_torchvision_decodes(tmp_path, workers, channels):
@@ -288,7 +278,7 @@ def test_jpeg_batches_hold_the_pixels_torchvision_decodes(tmp_path, workers, cha
 
     from dpt_scale.shards.writer import ShardSetWriter
 
-    blobs = {f"k{i:02d}": _jpeg(i, 16, "CMYK" if i == 5 else "RGB") for i in range(12)}
+    blobs = {f"k{i:02d}": jpeg(i, 16, "CMYK" if i == 5 else "RGB") for i in range(12)}
     with ShardSetWriter(tmp_path, classes=["a"], max_samples=5, image_field="jpg") as w:
         for key, data in blobs.items():
             w.write({"__key__": key, "jpg": data, "cls": 0}, (channels, 16, 16))
@@ -314,10 +304,10 @@ def test_jpeg_of_another_size_or_damaged_is_still_caught_in_place(tmp_path):
     def build(directory, odd):
         with ShardSetWriter(directory, classes=["a"], max_samples=100, image_field="jpg") as w:
             for i in range(8):
-                w.write({"__key__": f"k{i}", "jpg": odd if i == 3 else _jpeg(i, 16, "RGB"), "cls": 0}, (3, 16, 16))
+                w.write({"__key__": f"k{i}", "jpg": odd if i == 3 else jpeg(i, 16, "RGB"), "cls": 0}, (3, 16, 16))
         return ShardLoader(directory, batch_size=8, shuffle=False, world_size=1, rank=0)
 
     with pytest.raises(UserError, match="different shapes"):
-        next(iter(build(tmp_path / "size", _jpeg(3, 24, "RGB")).epoch(0)))
+        next(iter(build(tmp_path / "size", jpeg(3, 24, "RGB")).epoch(0)))
     with pytest.raises(ShardError, match=r"k3\.jpg' does not decode"):
-        next(iter(build(tmp_path / "cut", _jpeg(3, 16, "RGB")[:200]).epoch(0)))
+        next(iter(build(tmp_path / "cut", jpeg(3, 16, "RGB")[:200]).epoch(0)))

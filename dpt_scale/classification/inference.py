@@ -11,13 +11,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.errors import ShardError, UserError
-from dpt_scale.shards.decode import ImageDecodeError, decode_image
+from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into
 from dpt_scale.shards.manifest import Manifest
-from dpt_scale.shards.tar import iter_samples
+from dpt_scale.shards.rows import shard_rows
+from dpt_scale.shards.tar import open_map
 
 
 @dataclass
@@ -29,9 +31,14 @@ class ShardOutput:
 
 
 class _ShardBatches(IterableDataset):
+    """A shard's batches in sample order, read through the shard's index (rows.py): no tar walk,
+    and JPEGs of one size decoded straight into the batch, as the training loader does."""
+
     def __init__(self, directory: Path, manifest: Manifest, shards: list[int], batch_size: int, read_labels: bool):
         self.dir, self.manifest, self.shards, self.batch_size = directory, manifest, shards, batch_size
-        self.fields = frozenset({manifest.image["field"]} | ({"cls"} if read_labels else set()))
+        self.read_labels = read_labels
+        image = manifest.image
+        self.in_place = image["field"] in ("jpg", "jpeg") and image["size"] is not None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -46,24 +53,50 @@ class _ShardBatches(IterableDataset):
 
     def _shard(self, shard: int) -> Iterator[dict]:
         entry, field = self.manifest.shards[shard], self.manifest.image["field"]
-        path = self.dir / entry.name
-        images, keys, labels, seen = [], [], [], 0
-        for sample in iter_samples(path, fields=self.fields):
-            seen += 1
-            try:
-                images.append(decode_image(sample[field], self.manifest.image["channels"]))
-            except (KeyError, ImageDecodeError) as exc:
-                raise ShardError(f"{path}: sample '{sample['__key__']}' has no readable .{field} ({exc}); "
-                                 f"run `dpt-scale shards verify {self.dir}`") from None
-            keys.append(sample["__key__"])
-            labels.append(int(sample["cls"]) if "cls" in sample else -1)
-            if len(images) == self.batch_size or seen == entry.samples:
-                yield {"shard": shard, "keys": keys, "image": torch.stack(images), "cls": torch.tensor(labels),
-                       "last": seen == entry.samples}
-                images, keys, labels = [], [], []
-        if seen != entry.samples:
-            raise ShardError(f"{path}: holds {seen} samples but the manifest lists {entry.samples}; "
-                             f"run `dpt-scale shards verify {self.dir}`")
+        mm = open_map(str(self.dir / entry.name))[0]
+        try:
+            # labels={}: the shards' own labels are not wanted, so not even parsed
+            rows = shard_rows(self.manifest, self.dir, shard, mm, field, labels=None if self.read_labels else {})
+            if rows.bad is not None:
+                message = rows.explain(int(np.argmax(rows.bad > 0)))
+                raise ShardError(message if "shards verify" in message
+                                 else f"{message}; run `dpt-scale shards verify {self.dir}`")
+            keys, labels, spans = rows.columns["key"], rows.columns["label"], rows.columns["span"].tolist()
+            for at in range(0, entry.samples, self.batch_size):
+                end = min(at + self.batch_size, entry.samples)
+                yield {"shard": shard, "keys": keys[at:end].tolist(), "cls": torch.from_numpy(labels[at:end].copy()),
+                       "image": self._images(mm, spans[at:end], keys[at:end], rows.path), "last": end == entry.samples}
+        finally:
+            mm.close()
+
+    def _images(self, mm, spans: list, keys, path: Path) -> torch.Tensor:
+        image = self.manifest.image
+        if not self.in_place:
+            decoded = [self._decode(mm[start:end], key, path) for (start, end), key in zip(spans, keys)]
+            if len({one.shape for one in decoded}) > 1:
+                raise ShardError(f"{path}: images of different sizes cannot form a batch; import the set "
+                                 "with a fixed --image-size")
+            return torch.stack(decoded)
+        # (B, H, W, C) memory, as the decoder writes it; a plain layout for one channel is the same
+        layout = torch.channels_last if image["channels"] > 1 else torch.contiguous_format
+        batch = torch.empty((len(spans), image["channels"], *image["size"]), dtype=torch.uint8, memory_format=layout)
+        hwc = batch.permute(0, 2, 3, 1).numpy()
+        for i, ((start, end), key) in enumerate(zip(spans, keys)):
+            data = mm[start:end]
+            if not decode_jpeg_into(data, hwc[i]):  # another colour space, or damage: decode_image tells
+                one = self._decode(data, key, path)
+                if one.shape != batch.shape[1:]:
+                    raise ShardError(f"{path}: sample '{key}' is {tuple(one.shape)}, not the manifest's "
+                                     f"{tuple(batch.shape[1:])}; run `dpt-scale shards verify {self.dir}`")
+                batch[i] = one
+        return batch
+
+    def _decode(self, data: bytes, key: str, path: Path) -> torch.Tensor:
+        try:
+            return decode_image(data, self.manifest.image["channels"])
+        except ImageDecodeError as exc:
+            raise ShardError(f"{path}: sample '{key}' has no readable .{self.manifest.image['field']} ({exc}); "
+                             f"run `dpt-scale shards verify {self.dir}`") from None
 
 
 @torch.no_grad()
