@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.errors import ShardError, UserError
-from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into
+from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, in_place_shape
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.rows import shard_rows
 from dpt_scale.shards.tar import open_map
@@ -37,8 +37,7 @@ class _ShardBatches(IterableDataset):
     def __init__(self, directory: Path, manifest: Manifest, shards: list[int], batch_size: int, read_labels: bool):
         self.dir, self.manifest, self.shards, self.batch_size = directory, manifest, shards, batch_size
         self.read_labels = read_labels
-        image = manifest.image
-        self.in_place = image["field"] in ("jpg", "jpeg") and image["size"] is not None
+        self.in_place = in_place_shape(manifest.image)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -70,7 +69,6 @@ class _ShardBatches(IterableDataset):
             mm.close()
 
     def _images(self, mm, spans: list, keys, path: Path) -> torch.Tensor:
-        image = self.manifest.image
         if not self.in_place:
             decoded = [self._decode(mm[start:end], key, path) for (start, end), key in zip(spans, keys)]
             if len({one.shape for one in decoded}) > 1:
@@ -78,8 +76,8 @@ class _ShardBatches(IterableDataset):
                                  "with a fixed --image-size")
             return torch.stack(decoded)
         # (B, H, W, C) memory, as the decoder writes it; a plain layout for one channel is the same
-        layout = torch.channels_last if image["channels"] > 1 else torch.contiguous_format
-        batch = torch.empty((len(spans), image["channels"], *image["size"]), dtype=torch.uint8, memory_format=layout)
+        layout = torch.channels_last if self.in_place[0] > 1 else torch.contiguous_format
+        batch = torch.empty((len(spans), *self.in_place), dtype=torch.uint8, memory_format=layout)
         hwc = batch.permute(0, 2, 3, 1).numpy()
         for i, ((start, end), key) in enumerate(zip(spans, keys)):
             data = mm[start:end]

@@ -55,6 +55,14 @@ def png_chunks_intact(data: bytes) -> bool:
     return False
 
 
+def in_place_shape(image: dict) -> tuple[int, int, int] | None:
+    """(C, H, W) when every image of a set is a JPEG of that one size (a manifest's `image` entry
+    says so), so that a reader can decode them straight into a batch; else None."""
+    if image["field"] in ("jpg", "jpeg") and image["size"]:
+        return (image["channels"], *image["size"])
+    return None
+
+
 def decode_jpeg_into(data: bytes, out: np.ndarray) -> bool:
     """Decode a JPEG straight into `out`, a C-contiguous (H, W, C) uint8 array. False when it
     cannot (not a JPEG, another size, a colour space TurboJPEG does not convert, damage): decode

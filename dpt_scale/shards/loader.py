@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, PooledBatch
-from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into
+from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, in_place_shape
 from dpt_scale.shards.index import BAD_LABEL, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
@@ -88,9 +88,7 @@ class ShardLoader:
         self.name = "image" if field is None else field.split(".")[0]
         self.channels = self.manifest.image["channels"] if field is None else None
         # JPEGs of one size with no transform are decoded straight into the batch: (C, H, W) then.
-        image = self.manifest.image
-        self.in_place = ((self.channels, *image["size"]) if field is None and transform is None
-                         and image["field"] in ("jpg", "jpeg") and image["size"] else None)
+        self.in_place = in_place_shape(self.manifest.image) if field is None and transform is None else None
         # `labels` replaces the shards' `cls` (pseudo-labels, or none at all for unlabelled data);
         # the shards' own labels are then never used, so hidden labels cannot leak into training.
         self.labels = labels
