@@ -34,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
@@ -44,7 +45,7 @@ from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
 from dpt_scale.shards.batchpool import STACK_BYTES  # noqa: E402
-from dpt_scale.shards.decode import decode_image, decode_jpeg_into  # noqa: E402
+from dpt_scale.shards.decode import decode_image, decode_jpegs_into  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
 from dpt_scale.shards.tar import iter_samples  # noqa: E402
@@ -135,10 +136,14 @@ def _epochs(dl: DataLoader):
 
 def decode_only(blobs: list, out: np.ndarray) -> None:
     """The limit: our decoder over encoded bytes in memory, nothing else. JPEGs are decoded into
-    one reused (H, W, C) array, as fast as this decoder goes (a fresh 256 px output per image costs
-    page faults); other images are decoded and dropped (their decoder has no such option)."""
-    for b in blobs:
-        decode_jpeg_into(b, out) or decode_image(b, out.shape[2])
+    one reused (H, W, C) array by simplejpeg itself, as fast as this decoder goes (a fresh 256 px
+    output per image costs page faults); other images are decoded and dropped (their decoder has
+    no such option)."""
+    if blobs[0][:2] == b"\xff\xd8":
+        decode, mode = simplejpeg.decode_jpeg, "GRAY" if out.shape[2] == 1 else "RGB"
+        [decode(b, mode, buffer=out) for b in blobs]
+    else:
+        [decode_image(b, out.shape[2]) for b in blobs]
 
 
 class _DecodeOnly(IterableDataset):
@@ -211,8 +216,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
         for at in range(0, len(part), BATCH):
             images = part[at:at + BATCH]
             if field in ("jpg", "jpeg"):
-                for i, b in enumerate(images):
-                    decode_jpeg_into(b, hwc[i])
+                decode_jpegs_into(images, hwc)
             else:
                 for c in range(0, len(images), chunk):
                     decoded = [decode_image(b, channels) for b in images[c:c + chunk]]

@@ -174,6 +174,12 @@ def test_the_shard_reader_gives_each_shards_images_in_order_and_names_a_damaged_
         assert part.keys == [f"k{i:02d}" for i in numbers]
         assert part.labels.tolist() == [i % 3 for i in numbers]
         assert torch.equal(part.outputs, torch.stack([decode_image(blobs[i], 3) for i in numbers]).flatten(1))
+    # Batches are decoded into reused buffers: one that a function's output still holds (here the
+    # batch itself, kept until its shard is complete) must not be refilled under it.
+    kept = list(map_shards(lambda x: x, good, [0, 1, 2], batch_size=2, device=torch.device("cpu"), workers=workers))
+    for part in kept:
+        numbers = range(5 * part.shard, min(5 * part.shard + 5, 12))
+        assert torch.equal(part.outputs, torch.stack([decode_image(blobs[i], 3) for i in numbers]))
     damaged = write(tmp_path / "damaged", [b[:200] if i == 7 else b for i, b in enumerate(blobs)])
     with pytest.raises(ShardError, match=r"shard-000001\.tar: sample 'k07' has no readable \.jpg .*shards verify"):
         list(map_shards(lambda x: x.flatten(1), damaged, [0, 1, 2], 2, torch.device("cpu"), workers=workers))

@@ -3,7 +3,9 @@
 Each rank takes whole shards (shard i goes to rank i % world); DataLoader workers decode them in
 the background, whole shards each, while the main process runs the model. Results come back per
 shard, in sample order, as soon as a shard is complete, so a caller can write (and a restarted run
-skip) one shard at a time. Memory holds only the shards in flight.
+skip) one shard at a time. Memory holds only the shards in flight. Batches are decoded into reused
+buffers (batchpool.py), as the training loader's are: a fresh one per batch costs page faults on
+every batch (at 256 px, about as long as decoding it).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.errors import ShardError, UserError
-from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, in_place_shape
+from dpt_scale.shards.batchpool import BatchPool, as_is
+from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, decode_jpegs_into, in_place_shape
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.rows import shard_rows
 from dpt_scale.shards.tar import open_map
@@ -34,9 +37,10 @@ class _ShardBatches(IterableDataset):
     """A shard's batches in sample order, read through the shard's index (rows.py): no tar walk,
     and JPEGs of one size decoded straight into the batch, as the training loader does."""
 
-    def __init__(self, directory: Path, manifest: Manifest, shards: list[int], batch_size: int, read_labels: bool):
+    def __init__(self, directory: Path, manifest: Manifest, shards: list[int], batch_size: int, read_labels: bool,
+                 pool: BatchPool):
         self.dir, self.manifest, self.shards, self.batch_size = directory, manifest, shards, batch_size
-        self.read_labels = read_labels
+        self.read_labels, self.pool = read_labels, pool
         self.in_place = in_place_shape(manifest.image)
 
     def __iter__(self) -> Iterator[dict]:
@@ -44,13 +48,13 @@ class _ShardBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         try:
             for shard in self.shards[worker::workers]:
-                yield from self._shard(shard)
+                yield from self._shard(shard, worker)
         except (ShardError, UserError) as exc:
             if info is None:
                 raise
             yield {"error": str(exc)}  # one line for the user, not a worker traceback
 
-    def _shard(self, shard: int) -> Iterator[dict]:
+    def _shard(self, shard: int, worker: int) -> Iterator[dict]:
         entry, field = self.manifest.shards[shard], self.manifest.image["field"]
         mm = open_map(str(self.dir / entry.name))[0]
         try:
@@ -63,31 +67,37 @@ class _ShardBatches(IterableDataset):
             keys, labels, spans = rows.columns["key"], rows.columns["label"], rows.columns["span"].tolist()
             for at in range(0, entry.samples, self.batch_size):
                 end = min(at + self.batch_size, entry.samples)
-                yield {"shard": shard, "keys": keys[at:end].tolist(), "cls": torch.from_numpy(labels[at:end].copy()),
-                       "image": self._images(mm, spans[at:end], keys[at:end], rows.path), "last": end == entry.samples}
+                images, slot = self._images(mm, spans[at:end], keys[at:end], rows.path, worker)
+                yield {"shard": shard, "keys": keys[at:end].tolist(), "cls": labels[at:end],
+                       "image": self.pool.send(slot, images), "slot": (worker, slot), "last": end == entry.samples}
         finally:
             mm.close()
 
-    def _images(self, mm, spans: list, keys, path: Path) -> torch.Tensor:
+    def _images(self, mm, spans: list, keys, path: Path, worker: int) -> tuple[torch.Tensor, int]:
+        """The batch, in a pooled buffer (taken whole-batch sized, so that a shard's shorter last
+        batch reuses it too), and the buffer's slot."""
         if not self.in_place:
             decoded = [self._decode(mm[start:end], key, path) for (start, end), key in zip(spans, keys)]
             if len({one.shape for one in decoded}) > 1:
                 raise ShardError(f"{path}: images of different sizes cannot form a batch; import the set "
                                  "with a fixed --image-size")
-            return torch.stack(decoded)
+            images, slot = self.pool.take(worker, (self.batch_size, *decoded[0].shape), decoded[0].dtype)
+            return torch.stack(decoded, out=images[:len(decoded)]), slot
         # (B, H, W, C) memory, as the decoder writes it; a plain layout for one channel is the same
-        layout = torch.channels_last if self.in_place[0] > 1 else torch.contiguous_format
-        batch = torch.empty((len(spans), *self.in_place), dtype=torch.uint8, memory_format=layout)
+        images, slot = self.pool.take(worker, (self.batch_size, *self.in_place), torch.uint8, self.in_place[0] > 1)
+        batch = images[:len(spans)]
         hwc = batch.permute(0, 2, 3, 1).numpy()
-        for i, ((start, end), key) in enumerate(zip(spans, keys)):
-            data = mm[start:end]
-            if not decode_jpeg_into(data, hwc[i]):  # another colour space, or damage: decode_image tells
-                one = self._decode(data, key, path)
+        data = [mm[start:end] for start, end in spans]
+        if decode_jpegs_into(data, hwc):
+            return batch, slot
+        for i, (blob, key) in enumerate(zip(data, keys)):  # one by one: which does not decode in place?
+            if not decode_jpeg_into(blob, hwc[i]):  # another colour space, or damage: decode_image tells
+                one = self._decode(blob, key, path)
                 if one.shape != batch.shape[1:]:
                     raise ShardError(f"{path}: sample '{key}' is {tuple(one.shape)}, not the manifest's "
                                      f"{tuple(batch.shape[1:])}; run `dpt-scale shards verify {self.dir}`")
                 batch[i] = one
-        return batch
+        return batch, slot
 
     def _decode(self, data: bytes, key: str, path: Path) -> torch.Tensor:
         try:
@@ -106,17 +116,23 @@ def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], directory: str | Path
     manifest = Manifest.load(directory)
     if manifest.image is None:
         raise ShardError(f"{directory}: this shard set holds no images")
-    data = _ShardBatches(directory, manifest, shards, batch_size, read_labels)
-    source = data if workers == 0 or not shards else DataLoader(
-        data, batch_size=None, num_workers=min(workers, len(shards)), pin_memory=device.type == "cuda")
+    workers = min(workers, len(shards))
+    pinned = device.type == "cuda"
+    pool = BatchPool(workers, shared=workers > 0, pinned=pinned)
+    data = _ShardBatches(directory, manifest, shards, batch_size, read_labels, pool)
+    source = data if workers == 0 else DataLoader(
+        data, batch_size=None, num_workers=workers, pin_memory=pinned, collate_fn=as_is)
     partial: dict[int, list[dict]] = {}
     for batch in source:
         if "error" in batch:
             raise ShardError(batch["error"])
-        outputs = fn(batch["image"].to(device, non_blocking=True)).cpu()
+        images = pool.received(*batch.pop("slot"), batch.pop("image"))
+        outputs = fn(images.to(device, non_blocking=True)).cpu()
+        del images  # its buffer goes back to the pool, unless `outputs` holds on to it
+        pool.hand_back()
         partial.setdefault(batch["shard"], []).append({**batch, "outputs": outputs})
         if batch["last"]:
             parts = partial.pop(batch["shard"])
             yield ShardOutput(batch["shard"], [k for p in parts for k in p["keys"]],
                               torch.cat([p["outputs"] for p in parts]),
-                              torch.cat([p["cls"] for p in parts]) if read_labels else None)
+                              torch.from_numpy(np.concatenate([p["cls"] for p in parts])) if read_labels else None)

@@ -104,6 +104,14 @@ class BatchPool:
                 self._outstanding.discard(key)
 
 
+def as_is(batch: dict) -> dict:
+    """A DataLoader's collate_fn for batches that carry pooled buffers (with batch_size=None). The
+    default would turn the (shape, stride, dtype) that `send` gives into a list, and every array
+    into a tensor, which crosses to the main process through a new shared-memory segment per batch
+    (an array is pickled with the batch)."""
+    return batch
+
+
 class PooledBatch:
     """Decoded images gathered into a pooled buffer, good ones first; at the end, repeats of them
     fill the places of lost samples. Images are stacked a chunk at a time: stacking costs per call

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
 import simplejpeg
@@ -72,6 +73,18 @@ def decode_jpeg_into(data: bytes, out: np.ndarray) -> bool:
     try:
         # A smaller image would fill only the start of `out`; the shape tells.
         return simplejpeg.decode_jpeg(data, _JPEG_MODES[out.shape[2]], buffer=out).shape == out.shape
+    except ValueError:
+        return False
+
+
+def decode_jpegs_into(blobs: Iterable[bytes], out: np.ndarray) -> bool:
+    """Decode JPEGs straight into out[0], out[1], ... (a C-contiguous (B, H, W, C) uint8 array), as
+    `decode_jpeg_into` one by one, but False at the first that cannot (then go one by one).
+    The readers' batch path: no wrapper call per image (a 64 px JPEG decodes in ~33 us, and every
+    us outside the decoder shows: 2% of the training loader's speed at 64 px, docs/benchmarks.md)."""
+    decode, mode, shape = simplejpeg.decode_jpeg, _JPEG_MODES[out.shape[3]], out.shape[1:]
+    try:  # a non-JPEG raises ValueError as well; a smaller JPEG fills only the start of its slot
+        return all([decode(data, mode, buffer=slot).shape == shape for data, slot in zip(blobs, out)])
     except ValueError:
         return False
 

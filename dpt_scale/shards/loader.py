@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
-from dpt_scale.shards.batchpool import BatchPool, PooledBatch
-from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, in_place_shape
+from dpt_scale.shards.batchpool import BatchPool, PooledBatch, as_is
+from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, decode_jpegs_into, in_place_shape
 from dpt_scale.shards.index import BAD_LABEL, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
@@ -122,7 +122,7 @@ class ShardLoader:
         # global RNG, shifting the caller's random numbers (a resumed run would draw differently).
         source = iter(stream) if self.workers == 0 else iter(DataLoader(
             stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-            collate_fn=_as_is, generator=torch.Generator().manual_seed(self.seed)))
+            collate_fn=as_is, generator=torch.Generator().manual_seed(self.seed)))
         current, lost = epoch, 0
         try:
             for batch in source:
@@ -289,8 +289,7 @@ class _Stream(IterableDataset):
         maps = self._maps(shards)
         data = [maps[s][a:b] for s, a, b in zip(shards, spans[:, 0].tolist(), spans[:, 1].tolist())]
         if batch.hwc is not None:  # JPEGs decoded straight into the batch
-            hwc = batch.hwc
-            if not all([decode_jpeg_into(d, hwc[i]) for i, d in enumerate(data)]):
+            if not decode_jpegs_into(data, batch.hwc):
                 return None
             batch.filled = len(data)
             return list(range(len(data)))
@@ -367,12 +366,6 @@ class _Cursor:
         chosen = self.order[self.pos:self.pos + n]
         self.pos += n
         return {name: column[chosen] for name, column in self.rows.items()}
-
-
-def _as_is(batch: dict) -> dict:
-    """DataLoader's default would turn the `cls` array into a tensor, which crosses to the main
-    process through a new shared-memory segment per batch; an array is pickled with the batch."""
-    return batch
 
 
 def _load_array(data: bytes) -> torch.Tensor:
