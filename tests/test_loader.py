@@ -116,6 +116,24 @@ def test_shards_without_a_usable_index_are_walked_to_the_same_batches(uneven_set
     assert "index member is not where it says" in caplog.text and "walking its headers" in caplog.text
 
 
+def test_a_spurious_ast_error_while_reading_an_index_does_not_stop_the_epoch(uneven_set, monkeypatch):
+    """CPython 3.11 can raise SystemError("AST constructor recursion depth mismatch") from the
+    literal_eval with which numpy parses a .npy header (python/cpython#106905; it once killed a
+    DataLoader worker here). The index is read again instead of ending the run."""
+    import numpy as np
+
+    reference = [b["key"] for b in ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0).epoch(0)]
+    real_load, failures = np.load, iter([True, False, True])
+
+    def flaky_load(*args, **kwargs):
+        if next(failures, False):
+            raise SystemError("AST constructor recursion depth mismatch (before=201, after=222)")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", flaky_load)
+    assert [b["key"] for b in ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0).epoch(0)] == reference
+
+
 def test_shards_kept_between_epochs_change_nothing_when_few_are_kept(uneven_set, monkeypatch):
     import dpt_scale.shards.loader as loader_module
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from dpt_scale.classification.inference import map_shards
 from dpt_scale.data.labelled import LabelledBank
 from dpt_scale.models.classifier import ImageClassifier
+from dpt_scale.shards.index import load_npy
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
 from dpt_scale.shards.writer import ShardSetWriter
@@ -58,7 +59,7 @@ def load_features(directory: Path) -> LabelledBank:
     for entry in manifest.shards:
         for sample in iter_samples(directory / entry.name, fields=frozenset({"npy", "cls"})):
             keys.append(sample["__key__"])
-            feats.append(torch.from_numpy(np.load(io.BytesIO(sample["npy"]))).float())
+            feats.append(torch.from_numpy(load_npy(sample["npy"])).float())
             labels.append(int(sample["cls"]))
     return LabelledBank(torch.stack(feats), torch.tensor(labels), keys, manifest.classes)
 

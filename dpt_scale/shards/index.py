@@ -70,6 +70,19 @@ class IndexBuilder:
         return buf.getvalue()
 
 
+def load_npy(data: bytes) -> np.ndarray:
+    """A .npy array from its bytes. numpy parses the header with ast.literal_eval, and CPython
+    3.11's AST constructor can raise a spurious SystemError ("AST constructor recursion depth
+    mismatch", python/cpython#106905) when another parse runs inside or beside it; we saw it once
+    in a DataLoader worker. The bytes are fine then, so a retry reads them."""
+    for attempt in range(3):
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == 2:
+                raise
+
+
 def read_index(path, mm: mmap.mmap, span: list[int], samples: int) -> np.ndarray:
     """The index stored in a shard at `span` (from its manifest entry); a ShardError if it is not
     there or does not fit the shard (a tar replaced after its manifest was written)."""
@@ -80,7 +93,7 @@ def read_index(path, mm: mmap.mmap, span: list[int], samples: int) -> np.ndarray
         problem = "the manifest's index member is not where it says"
     else:
         try:
-            index = np.load(io.BytesIO(mm[start:end]), allow_pickle=False)
+            index = load_npy(mm[start:end])
         except ValueError as exc:
             problem = f"its index member does not load ({exc})"
         else:

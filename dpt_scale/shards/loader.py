@@ -31,7 +31,6 @@ in `loader.lost`.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import mmap
@@ -49,7 +48,7 @@ from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, PooledBatch, as_is
 from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, decode_jpegs_into, in_place_shape
-from dpt_scale.shards.index import BAD_LABEL, parse_label
+from dpt_scale.shards.index import BAD_LABEL, load_npy, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
 from dpt_scale.shards.rows import ShardRows, shard_rows
@@ -371,7 +370,7 @@ class _Cursor:
 def _load_array(data: bytes) -> torch.Tensor:
     """A `.npy` member as a tensor of its stored dtype (damage raises the loader's 'does not decode')."""
     try:
-        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).copy())  # copy: np.load's is read-only
+        return torch.from_numpy(load_npy(data).copy())  # copy: np.load's is read-only
     except (ValueError, EOFError) as exc:
         raise ImageDecodeError(f"not a readable .npy array: {exc}") from None
 
