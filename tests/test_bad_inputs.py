@@ -16,9 +16,12 @@ Every case runs in a fresh copy of one small world (relative paths, the CLI's wo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +234,42 @@ def test_bad_input_is_one_line_and_leaves_existing_files_alone(case, world, tmp_
     after = snapshot(here)
     assert {k: after.get(k) for k in before} == before, "a file that existed before was changed or removed"
     assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"
+
+
+@contextlib.contextmanager
+def unwritable(*folders: Path):
+    """Folders nobody may write into: read-only permissions, or for root (whom permissions do not
+    stop) the immutable flag."""
+    lock, unlock = ((["chattr", "+i"], ["chattr", "-i"]) if os.geteuid() == 0 else
+                    ((lambda p: p.chmod(0o555)), (lambda p: p.chmod(0o755))))
+    done = []
+    try:
+        for folder in folders:
+            if callable(lock):
+                lock(folder)
+            elif subprocess.run([*lock, str(folder)], capture_output=True).returncode != 0:
+                pytest.skip("running as root on a filesystem without the immutable flag: no folder is unwritable")
+            done.append(folder)
+        yield
+    finally:
+        for folder in done:
+            unlock(folder) if callable(unlock) else subprocess.run([*unlock, str(folder)], check=True)
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_before_or_during_the_work(world, tmp_path):
+    here = tmp_path / "w"
+    shutil.copytree(world, here)
+    (here / "locked").mkdir()
+    before = snapshot(here)
+    with unwritable(here / "locked", here / "run"):
+        # Found before any work: the folder `run` would make its output in.
+        result = run_cli("-q", "run", "r.yaml", "--set", "out=locked/run", cwd=here)
+        assert_one_line_error(result, "cannot write locked/run: locked is not writable (", "pass --set out=DIR")
+        # Found while working: a command that writes into an existing folder it may not write.
+        result = run_cli("-q", "data", "subset", "--recipe", "r.yaml", cwd=here)
+        line = assert_one_line_error(result, ": run/labelled.txt", "give yourself access to it")
+        assert result.returncode == 2 and ("permission denied" in line or "operation not permitted" in line), line
+    assert snapshot(here) == before
 
 
 def test_the_catalogue_has_the_cases_the_issue_asks_for():

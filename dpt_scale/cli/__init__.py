@@ -101,6 +101,9 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 
 # A full disk (or quota, or file-size limit) is the user's to fix, and every command resumes after it.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# So is a file or folder the command may not open or write (its permissions, an immutable flag, a
+# read-only mount) that the checks before the work could not foresee, e.g. a stage's own folder.
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _dead_worker(exc: RuntimeError) -> str | None:
@@ -169,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
     except OSError as exc:
+        if exc.errno in _NOT_ALLOWED and exc.filename:
+            print(f"error: {os.strerror(exc.errno).lower()}: {exc.filename}; give yourself access to it (or point "
+                  "the output elsewhere) and run the same command again; finished work is kept and it resumes",
+                  file=sys.stderr)
+            return 2
         if exc.errno not in _NO_SPACE:
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
