@@ -236,24 +236,27 @@ def test_bad_input_is_one_line_and_leaves_existing_files_alone(case, world, tmp_
     assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"
 
 
+def set_writable(folder: Path, writable: bool) -> bool:
+    """Read-only permissions, or for root (whom permissions do not stop) the immutable flag; False
+    where that flag is not to be had."""
+    if os.geteuid() != 0:
+        folder.chmod(0o755 if writable else 0o555)
+        return True
+    return subprocess.run(["chattr", "-i" if writable else "+i", str(folder)], capture_output=True).returncode == 0
+
+
 @contextlib.contextmanager
 def unwritable(*folders: Path):
-    """Folders nobody may write into: read-only permissions, or for root (whom permissions do not
-    stop) the immutable flag."""
-    lock, unlock = ((["chattr", "+i"], ["chattr", "-i"]) if os.geteuid() == 0 else
-                    ((lambda p: p.chmod(0o555)), (lambda p: p.chmod(0o755))))
-    done = []
+    locked = []
     try:
         for folder in folders:
-            if callable(lock):
-                lock(folder)
-            elif subprocess.run([*lock, str(folder)], capture_output=True).returncode != 0:
+            if not set_writable(folder, False):
                 pytest.skip("running as root on a filesystem without the immutable flag: no folder is unwritable")
-            done.append(folder)
+            locked.append(folder)
         yield
     finally:
-        for folder in done:
-            unlock(folder) if callable(unlock) else subprocess.run([*unlock, str(folder)], check=True)
+        for folder in locked:
+            assert set_writable(folder, True)
 
 
 def test_a_folder_that_cannot_be_written_is_one_line_before_or_during_the_work(world, tmp_path):
