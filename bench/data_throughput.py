@@ -45,7 +45,7 @@ from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
 from dpt_scale.shards.batchpool import OFFSET, STACK_BYTES  # noqa: E402
-from dpt_scale.shards.decode import decode_image, decode_jpegs_into  # noqa: E402
+from dpt_scale.shards.decode import decode_images, decode_jpegs_into  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
 from dpt_scale.shards.tar import iter_samples  # noqa: E402
@@ -137,13 +137,15 @@ def _epochs(dl: DataLoader):
 def decode_only(blobs: list, out: np.ndarray) -> None:
     """The limit: our decoder over encoded bytes in memory, nothing else. JPEGs are decoded into
     one reused (H, W, C) array by simplejpeg itself, as fast as this decoder goes (a fresh 256 px
-    output per image costs page faults); other images are decoded and dropped (their decoder has
-    no such option)."""
+    output per image costs page faults); other images are decoded a batch at a time, as the loader
+    does (`decode_images`: the batch's PNG checks in one pass, then the decoding), and dropped
+    (their decoder cannot write into a given array)."""
     if blobs[0][:2] == b"\xff\xd8":
         decode, mode = simplejpeg.decode_jpeg, "GRAY" if out.shape[2] == 1 else "RGB"
         [decode(b, mode, buffer=out) for b in blobs]
     else:
-        [decode_image(b, out.shape[2]) for b in blobs]
+        for at in range(0, len(blobs), BATCH):
+            decode_images(blobs[at:at + BATCH], out.shape[2])
 
 
 class _DecodeOnly(IterableDataset):
@@ -220,7 +222,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
                 decode_jpegs_into(images, hwc)
             else:
                 for c in range(0, len(images), chunk):
-                    decoded = [decode_image(b, channels) for b in images[c:c + chunk]]
+                    decoded = decode_images(images[c:c + chunk], channels)
                     torch.stack(decoded, out=batch[c:c + len(decoded)])
 
     sources = {"decode_limit": Decoding(lambda part: decode_only(part, one_image), blobs),

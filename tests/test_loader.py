@@ -180,6 +180,21 @@ def test_damage_stops_the_epoch_naming_shard_and_member(uneven_set, how, fragmen
             assert "member 's00041.png'" in message  # shard 3 starts at sample 41
 
 
+def test_a_list_of_images_decodes_as_one_by_one_and_no_damaged_png_reaches_libpng():
+    """`decode_images` checks a list's PNGs before decoding any of them; libpng would crash the
+    process on the damaged one instead of raising."""
+    from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_images
+    from helpers import png
+
+    blobs = [png(i, size=6, channels=3) for i in range(5)] + [jpeg(5, 6, "RGB")]
+    for channels in (1, 3):
+        assert all(torch.equal(a, decode_image(b, channels)) for a, b in zip(decode_images(blobs, channels), blobs))
+    damaged = bytearray(blobs[3])
+    damaged[41] ^= 0xFF  # the first byte of the IDAT chunk's compressed data
+    with pytest.raises(ImageDecodeError, match="damaged PNG"):
+        decode_images(blobs[:3] + [bytes(damaged)] + blobs[4:], 1)
+
+
 @pytest.mark.parametrize("how", ["truncate", "flip", "missing"])
 def test_skip_policy_replaces_losses_counts_them_and_keeps_ranks_in_step(uneven_set, how, caplog):
     from dpt_scale.shards.tar import iter_samples

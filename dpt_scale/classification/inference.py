@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, as_is
-from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, decode_jpegs_into, in_place_shape
+from dpt_scale.shards.decode import (ImageDecodeError, decode_image, decode_images, decode_jpeg_into,
+                                     decode_jpegs_into, in_place_shape)
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.rows import shard_rows
 from dpt_scale.shards.tar import open_map
@@ -77,7 +78,11 @@ class _ShardBatches(IterableDataset):
         """The batch, in a pooled buffer (taken whole-batch sized, so that a shard's shorter last
         batch reuses it too), and the buffer's slot."""
         if not self.in_place:
-            decoded = [self._decode(mm[start:end], key, path) for (start, end), key in zip(spans, keys)]
+            data = [mm[start:end] for start, end in spans]
+            try:
+                decoded = decode_images(data, self.manifest.image["channels"])
+            except ImageDecodeError:  # which one? one by one names it
+                decoded = [self._decode(blob, key, path) for blob, key in zip(data, keys)]
             if len({one.shape for one in decoded}) > 1:
                 raise ShardError(f"{path}: images of different sizes cannot form a batch; import the set "
                                  "with a fixed --image-size")

@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, PooledBatch, as_is
-from dpt_scale.shards.decode import ImageDecodeError, decode_image, decode_jpeg_into, decode_jpegs_into, in_place_shape
+from dpt_scale.shards.decode import (ImageDecodeError, decode_image, decode_images, decode_jpeg_into,
+                                     decode_jpegs_into, in_place_shape)
 from dpt_scale.shards.index import BAD_LABEL, load_npy, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
@@ -297,7 +298,7 @@ class _Stream(IterableDataset):
             batch.add(self._decode(data[0]))  # fixes the chunk size
             for at in range(1, len(data), batch.chunk):
                 chunk = data[at:at + batch.chunk]
-                batch.extend([decode_image(d, channels) for d in chunk] if plain else [self._decode(d) for d in chunk])
+                batch.extend(decode_images(chunk, channels) if plain else [self._decode(d) for d in chunk])
         except ImageDecodeError:
             return None
         return list(range(len(data)))
