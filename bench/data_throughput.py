@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
-from dpt_scale.shards.batchpool import OFFSET, STACK_BYTES  # noqa: E402
+from dpt_scale.shards.batchpool import STACK_BYTES, BatchPool  # noqa: E402
 from dpt_scale.shards.decode import decode_images, decode_jpegs_into  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
@@ -208,10 +208,9 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
 
     # The most a loader written in Python can reach: every image decoded into its place in a batch
     # buffer as our loader does, from bytes already in memory and in order; no tar walk, shuffle,
-    # labels, keys or hand-over to another process. The batch sits OFFSET bytes into its memory,
-    # as the loader's batches do.
-    memory = torch.empty(OFFSET + BATCH * channels * hw[0] * hw[1], dtype=torch.uint8)
-    batch = memory[OFFSET:].view(BATCH, *hw, channels).permute(0, 3, 1, 2)
+    # labels, keys or hand-over to another process. The batch comes from a BatchPool, so that it
+    # has the loader's layout in memory (channels last, OFFSET bytes into its buffer).
+    batch = BatchPool(1, shared=False).take(0, (BATCH, channels, *hw), torch.uint8, channels > 1)[0]
     hwc = batch.permute(0, 2, 3, 1).numpy()
     chunk = max(1, min(BATCH, STACK_BYTES // batch[0].nbytes))  # as the loader stacks
 

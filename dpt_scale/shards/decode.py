@@ -37,7 +37,6 @@ _JPEG_MODES = {1: "GRAY", 3: "RGB"}
 _JPEG_SIGNATURE = b"\xff\xd8"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _u32 = struct.Struct(">I").unpack_from
-_DAMAGED_PNG = "damaged PNG (chunk CRC mismatch or truncated)"
 
 
 class ImageDecodeError(ValueError):
@@ -93,9 +92,7 @@ def decode_jpegs_into(blobs: Iterable[bytes], out: np.ndarray) -> bool:
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
     """Decode PNG/JPEG/WebP bytes to a (channels, H, W) uint8 tensor, converting the colour mode."""
-    if data[:8] == _PNG_SIGNATURE and not png_chunks_intact(data):
-        raise ImageDecodeError(_DAMAGED_PNG)
-    return _decode_intact(data, channels)
+    return decode_images([data], channels)[0]
 
 
 def decode_images(blobs: list, channels: int) -> list[torch.Tensor]:
@@ -104,7 +101,7 @@ def decode_images(blobs: list, channels: int) -> list[torch.Tensor]:
     PNGs: 1.33x the images/s of one by one; docs/benchmarks.md). The first image that does not
     decode raises ImageDecodeError; `decode_image` one by one tells which it is."""
     if not all([png_chunks_intact(data) for data in blobs if data[:8] == _PNG_SIGNATURE]):
-        raise ImageDecodeError(_DAMAGED_PNG)
+        raise ImageDecodeError("damaged PNG (chunk CRC mismatch or truncated)")
     return [_decode_intact(data, channels) for data in blobs]
 
 
