@@ -33,6 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import imagecodecs  # noqa: E402
 import numpy as np  # noqa: E402
 import simplejpeg  # noqa: E402
 import torch  # noqa: E402
@@ -44,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
-from dpt_scale.shards.batchpool import STACK_BYTES, BatchPool  # noqa: E402
-from dpt_scale.shards.decode import decode_images, decode_jpegs_into  # noqa: E402
+from dpt_scale.shards.batchpool import BatchPool  # noqa: E402
+from dpt_scale.shards.decode import decode_all_into, png_chunks_intact  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
 from dpt_scale.shards.tar import iter_samples  # noqa: E402
@@ -135,17 +136,18 @@ def _epochs(dl: DataLoader):
 
 
 def decode_only(blobs: list, out: np.ndarray) -> None:
-    """The limit: our decoder over encoded bytes in memory, nothing else. JPEGs are decoded into
-    one reused (H, W, C) array by simplejpeg itself, as fast as this decoder goes (a fresh 256 px
-    output per image costs page faults); other images are decoded a batch at a time, as the loader
-    does (`decode_images`: the batch's PNG checks in one pass, then the decoding), and dropped
-    (their decoder cannot write into a given array)."""
+    """The limit: our decoder over encoded bytes in memory, nothing else, into one reused (H, W, C)
+    array, as fast as the decoder goes (a fresh 256 px output per image costs page faults). PNGs
+    are checked a batch at a time first, as the loader does (`decode_all_into`: the batch's chunk
+    CRCs in one pass, then libspng)."""
     if blobs[0][:2] == b"\xff\xd8":
         decode, mode = simplejpeg.decode_jpeg, "GRAY" if out.shape[2] == 1 else "RGB"
         [decode(b, mode, buffer=out) for b in blobs]
     else:
         for at in range(0, len(blobs), BATCH):
-            decode_images(blobs[at:at + BATCH], out.shape[2])
+            part = blobs[at:at + BATCH]
+            assert all([png_chunks_intact(b) for b in part])
+            [imagecodecs.spng_decode(b, out=out) for b in part]
 
 
 class _DecodeOnly(IterableDataset):
@@ -212,17 +214,11 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
     # has the loader's layout in memory (channels last, OFFSET bytes into its buffer).
     batch = BatchPool(1, shared=False).take(0, (BATCH, channels, *hw), torch.uint8, channels > 1)[0]
     hwc = batch.permute(0, 2, 3, 1).numpy()
-    chunk = max(1, min(BATCH, STACK_BYTES // batch[0].nbytes))  # as the loader stacks
 
     def batch_floor(part):
         for at in range(0, len(part), BATCH):
             images = part[at:at + BATCH]
-            if field in ("jpg", "jpeg"):
-                decode_jpegs_into(images, hwc)
-            else:
-                for c in range(0, len(images), chunk):
-                    decoded = decode_images(images[c:c + chunk], channels)
-                    torch.stack(decoded, out=batch[c:c + len(decoded)])
+            assert decode_all_into(images, hwc)
 
     sources = {"decode_limit": Decoding(lambda part: decode_only(part, one_image), blobs),
                "batch_floor": Decoding(batch_floor, blobs), "pil_decode": Decoding(pil, blobs),

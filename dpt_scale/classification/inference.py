@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, as_is
-from dpt_scale.shards.decode import (ImageDecodeError, decode_image, decode_images, decode_jpeg_into,
-                                     decode_jpegs_into, in_place_shape)
+from dpt_scale.shards.decode import (ImageDecodeError, decode_all_into, decode_image, decode_images,
+                                     decode_into, in_place_shape)
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.rows import shard_rows
 from dpt_scale.shards.tar import open_map
@@ -36,7 +36,7 @@ class ShardOutput:
 
 class _ShardBatches(IterableDataset):
     """A shard's batches in sample order, read through the shard's index (rows.py): no tar walk,
-    and JPEGs of one size decoded straight into the batch, as the training loader does."""
+    and JPEGs or PNGs of one size decoded straight into the batch, as the training loader does."""
 
     def __init__(self, directory: Path, manifest: Manifest, shards: list[int], batch_size: int, read_labels: bool,
                  pool: BatchPool):
@@ -93,10 +93,10 @@ class _ShardBatches(IterableDataset):
         batch = images[:len(spans)]
         hwc = batch.permute(0, 2, 3, 1).numpy()
         data = [mm[start:end] for start, end in spans]
-        if decode_jpegs_into(data, hwc):
+        if decode_all_into(data, hwc):
             return batch, slot
         for i, (blob, key) in enumerate(zip(data, keys)):  # one by one: which does not decode in place?
-            if not decode_jpeg_into(blob, hwc[i]):  # another colour space, or damage: decode_image tells
+            if not decode_into(blob, hwc[i]):  # another colour space, or damage: decode_image tells
                 one = self._decode(blob, key, path)
                 if one.shape != batch.shape[1:]:
                     raise ShardError(f"{path}: sample '{key}' is {tuple(one.shape)}, not the manifest's "

@@ -142,7 +142,7 @@ class PooledBatch:
                 raise UserError(f"the loader's transform must return a tensor, not {type(image).__name__}")
             self.chunk = max(1, min(self.size, STACK_BYTES // max(1, image.nbytes)))
         self.pending.append(image)
-        # in place, an image the JPEG decoder could not place is copied at once
+        # in place, an image the decoder could not place is copied at once
         if len(self.pending) >= self.chunk or self.hwc is not None:
             self._flush()
 

@@ -1,31 +1,36 @@
-"""Encoded image bytes -> uint8 (C, H, W) tensor.
+"""Encoded image bytes -> uint8 (C, H, W) tensor, or straight into a batch.
 
 JPEG: simplejpeg (libjpeg-turbo; the pixels of torchvision's decoder, tested: the same for YCbCr
 and grayscale JPEGs, within one level for CMYK ones, which it converts by another formula). It has no
 fixed ~20 us cost per call (a 64 px JPEG: 31 us against 51 us) and decodes straight into a batch
-(`decode_jpeg_into`), which saves copying each image into it (about 40 us at 256 px); see
+(`decode_into`), which saves copying each image into it (about 40 us at 256 px); see
 docs/benchmarks.md. Colour spaces TurboJPEG does not convert and damaged files fall
 back to torchvision, so that what counts as damage stays torchvision's call.
 
-PNG and WebP: torchvision's decoders (libpng/libwebp), 2-3x faster than PIL on small images. Its
-PNG decoder crashes the process on a damaged file instead of raising (pytorch/vision#3613,
-reproduced with torchvision 0.29: one flipped byte in IDAT -> SIGSEGV). Every image in our shards
-was decoded by PIL when it was written, so damage since then shows up as a PNG chunk CRC mismatch:
-we check the CRCs (~4 us; a batch's all in one pass, `decode_images`) before libpng sees the
-bytes. The JPEG and WebP decoders raise on damage. `dpt-scale shards verify` decodes with PIL
+PNG: libspng through imagecodecs, for 8-bit grayscale, RGB and palette images (the pixels of
+torchvision's libpng decoder, tested); it decodes straight into a batch too, and a 28 px MNIST PNG
+costs 9 us against 21 us through torchvision's op (whose call, output tensor and input copy cost
+more than libpng itself). Other PNGs (16-bit, alpha, a colour mode to convert) go to torchvision.
+(imagecodecs' libpng wrapper crashed the interpreter after ~11,000 decode errors in one process.)
+Neither decoder is safe on damaged bytes: torchvision's crashes the process (pytorch/vision#3613,
+reproduced with torchvision 0.29: one flipped byte in IDAT -> SIGSEGV), and libspng decodes ~2% of
+single flipped bits into wrong pixels without a word (measured, docs/benchmarks.md). Every image in
+our shards was decoded by PIL when it was written, so damage since then shows up as a PNG chunk CRC
+mismatch: we check the CRCs (~2 us; a batch's all in one pass) before either decoder sees the bytes.
+WebP: torchvision (libwebp), which raises on damage. `dpt-scale shards verify` decodes with PIL
 instead, as a second opinion.
 
 We call the op that `torchvision.io.decode_image` wraps: the wrapper's usage logging and
-deprecation warning cost ~15 us a call, half the cost of decoding a 28x28 PNG. (torchvision 0.29
-deprecates its decoders in favour of TorchCodec; we pin torchvision exactly, and TorchCodec 0.17
-measured slower on small images, see docs/benchmarks.md. Switching touches only this function.)
+deprecation warning cost ~15 us a call. (torchvision 0.29 deprecates its decoders in favour of
+TorchCodec; we pin torchvision exactly, and TorchCodec 0.17 measured slower on small images, see
+docs/benchmarks.md.)
 """
 from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable
 
+import imagecodecs
 import numpy as np
 import simplejpeg
 import torch
@@ -58,36 +63,37 @@ def png_chunks_intact(data: bytes) -> bool:
 
 
 def in_place_shape(image: dict) -> tuple[int, int, int] | None:
-    """(C, H, W) when every image of a set is a JPEG of that one size (a manifest's `image` entry
-    says so), so that a reader can decode them straight into a batch; else None."""
-    if image["field"] in ("jpg", "jpeg") and image["size"]:
+    """(C, H, W) when every image of a set is a JPEG or PNG of that one size (a manifest's `image`
+    entry says so), so that a reader can decode them straight into a batch; else None."""
+    if image["field"] in ("jpg", "jpeg", "png") and image["size"]:
         return (image["channels"], *image["size"])
     return None
 
 
-def decode_jpeg_into(data: bytes, out: np.ndarray) -> bool:
-    """Decode a JPEG straight into `out`, a C-contiguous (H, W, C) uint8 array. False when it
-    cannot (not a JPEG, another size, a colour space TurboJPEG does not convert, damage): decode
-    it with `decode_image` then, which also tells damage apart."""
-    if data[:2] != _JPEG_SIGNATURE:
-        return False
+def decode_into(data: bytes, out: np.ndarray) -> bool:
+    """Decode a JPEG or PNG straight into `out`, a C-contiguous (H, W, C) uint8 array. False when
+    it cannot (another format or size, a colour mode to convert, damage): decode it with
+    `decode_image` then, which also tells damage apart."""
+    return decode_all_into([data], out[np.newaxis])
+
+
+def decode_all_into(blobs: list, out: np.ndarray) -> bool:
+    """Decode same-format images straight into out[0], out[1], ... (a C-contiguous (B, H, W, C)
+    uint8 array), but False at the first that cannot (then go one by one with `decode_into`).
+    The readers' batch path: one list comprehension over the decoder, no wrapper call per image
+    (at 28 or 64 px every us outside the decoder shows in the loader's speed, docs/benchmarks.md)."""
+    head, shape = blobs[0][:8] if blobs else b"", out.shape[1:]
     try:
-        # A smaller image would fill only the start of `out`; the shape tells.
-        return simplejpeg.decode_jpeg(data, _JPEG_MODES[out.shape[2]], buffer=out).shape == out.shape
-    except ValueError:
-        return False
-
-
-def decode_jpegs_into(blobs: Iterable[bytes], out: np.ndarray) -> bool:
-    """Decode JPEGs straight into out[0], out[1], ... (a C-contiguous (B, H, W, C) uint8 array), as
-    `decode_jpeg_into` one by one, but False at the first that cannot (then go one by one).
-    The readers' batch path: no wrapper call per image (a 64 px JPEG decodes in ~33 us, and every
-    us outside the decoder shows: 2% of the training loader's speed at 64 px, docs/benchmarks.md)."""
-    decode, mode, shape = simplejpeg.decode_jpeg, _JPEG_MODES[out.shape[3]], out.shape[1:]
-    try:  # a non-JPEG raises ValueError as well; a smaller JPEG fills only the start of its slot
-        return all([decode(data, mode, buffer=slot).shape == shape for data, slot in zip(blobs, out)])
-    except ValueError:
-        return False
+        if head[:2] == _JPEG_SIGNATURE:  # a smaller JPEG would fill only the start of its slot
+            decode, mode = simplejpeg.decode_jpeg, _JPEG_MODES[out.shape[3]]
+            return all([decode(data, mode, buffer=slot).shape == shape for data, slot in zip(blobs, out)])
+        if head == _PNG_SIGNATURE and all([png_chunks_intact(data) for data in blobs]):
+            decode = imagecodecs.spng_decode  # raises on another size or colour mode, or a non-PNG
+            [decode(data, out=slot) for data, slot in zip(blobs, out)]
+            return True
+    except (ValueError, RuntimeError):  # RuntimeError: imagecodecs' SpngError
+        pass
+    return False
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
@@ -113,6 +119,13 @@ def _decode_intact(data: bytes, channels: int) -> torch.Tensor:
             return torch.from_numpy(simplejpeg.decode_jpeg(data, _JPEG_MODES[channels]).transpose(2, 0, 1))
         except ValueError:
             pass  # torchvision below: another colour space, or damage that it reports
+    if data[:8] == _PNG_SIGNATURE:
+        try:
+            image = imagecodecs.spng_decode(data)
+        except RuntimeError:
+            image = None  # torchvision below: a mode libspng does not give, or damage that it reports
+        if image is not None and image.dtype == np.uint8 and image.shape[2:] == ((3,) if channels == 3 else ()):
+            return torch.from_numpy(image[np.newaxis] if channels == 1 else image.transpose(2, 0, 1))
     try:
         # bytearray: torch.frombuffer wants a writable buffer (the copy is tiny next to decoding).
         mode = _MODES[3] if data[8:12] == b"WEBP" else _MODES[channels]  # libwebp has no grayscale mode

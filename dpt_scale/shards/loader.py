@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, PooledBatch, as_is
-from dpt_scale.shards.decode import (ImageDecodeError, decode_image, decode_images, decode_jpeg_into,
-                                     decode_jpegs_into, in_place_shape)
+from dpt_scale.shards.decode import (ImageDecodeError, decode_all_into, decode_image, decode_images,
+                                     decode_into, in_place_shape)
 from dpt_scale.shards.index import BAD_LABEL, load_npy, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
@@ -87,7 +87,7 @@ class ShardLoader:
         self.field = field or self.manifest.image["field"]
         self.name = "image" if field is None else field.split(".")[0]
         self.channels = self.manifest.image["channels"] if field is None else None
-        # JPEGs of one size with no transform are decoded straight into the batch: (C, H, W) then.
+        # JPEGs or PNGs of one size with no transform are decoded straight into the batch: (C, H, W) then.
         self.in_place = in_place_shape(self.manifest.image) if field is None and transform is None else None
         # `labels` replaces the shards' `cls` (pseudo-labels, or none at all for unlabelled data);
         # the shards' own labels are then never used, so hidden labels cannot leak into training.
@@ -258,7 +258,7 @@ class _Stream(IterableDataset):
         seed = random.Random(f"augment:{ld.seed}:{plan.epoch}:{ld.rank}:{j}").getrandbits(63) if ld.transform else None
         with _seeded(seed) if ld.transform else nullcontext():
             good = self._fill_fast(batch, rows)
-        if good is None:  # a lost or damaged sample, or a JPEG for the other decoder: one at a time
+        if good is None:  # a lost or damaged sample, or an image for the other decoder: one at a time
             batch.filled, batch.pending = 0, []
             with _seeded(seed) if ld.transform else nullcontext():
                 good = self._fill(batch, rows)
@@ -288,8 +288,8 @@ class _Stream(IterableDataset):
         shards, spans = rows["shard"].tolist(), rows["span"]
         maps = self._maps(shards)
         data = [maps[s][a:b] for s, a, b in zip(shards, spans[:, 0].tolist(), spans[:, 1].tolist())]
-        if batch.hwc is not None:  # JPEGs decoded straight into the batch
-            if not decode_jpegs_into(data, batch.hwc):
+        if batch.hwc is not None:  # images decoded straight into the batch
+            if not decode_all_into(data, batch.hwc):
                 return None
             batch.filled = len(data)
             return list(range(len(data)))
@@ -312,7 +312,7 @@ class _Stream(IterableDataset):
                 continue
             data = maps[shard][start:end]
             try:
-                if hwc is not None and decode_jpeg_into(data, hwc[len(good)]):
+                if hwc is not None and decode_into(data, hwc[len(good)]):
                     batch.filled += 1
                 else:
                     batch.add(self._decode(data))
