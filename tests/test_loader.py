@@ -303,35 +303,6 @@ def test_a_slow_consumer_always_sees_each_batch_as_decoded(uneven_set):
         assert all(torch.equal(image, by_key[k]) for k, image in zip(batch["key"], batch["image"]))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_jpeg_batches_hold_the_pixels_torchvision_decodes(tmp_path, workers, channels):
-    """JPEGs are decoded straight into the batch by simplejpeg, with the pixels torchvision's
-    decoder gives (a CMYK one converted by another formula: within one level)."""
-    from torchvision.io import ImageReadMode
-
-    from dpt_scale.shards.writer import ShardSetWriter
-
-    blobs = {f"k{i:02d}": jpeg(i, 16, "CMYK" if i == 5 else "RGB") for i in range(12)}
-    with ShardSetWriter(tmp_path, classes=["a"], max_samples=5, image_field="jpg") as w:
-        for key, data in blobs.items():
-            w.write({"__key__": key, "jpg": data, "cls": 0}, (channels, 16, 16))
-    loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
-    assert loader.in_place == (channels, 16, 16)
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    seen = set()
-    for batch in loader.epoch(0):
-        for key, image in zip(batch["key"], batch["image"]):
-            expected = torch.ops.image.decode_image(torch.frombuffer(bytearray(blobs[key]), dtype=torch.uint8),
-                                                    mode.value, False)
-            if key == "k05":
-                assert (image.int() - expected.int()).abs().max() <= 1, key
-            else:
-                assert torch.equal(image, expected), key
-            seen.add(key)
-    assert "k05" in seen and len(seen) == 12
-
-
 def test_jpeg_of_another_size_or_damaged_is_still_caught_in_place(tmp_path):
     from dpt_scale.shards.writer import ShardSetWriter
 
@@ -364,20 +335,30 @@ def _png_in_mode(i: int, size: int, mode: str) -> bytes:
     return buf.getvalue()
 
 
+PNG_MODES = ["L", "RGB", "P", "P+tRNS", "1", "LA", "RGBA", "L"]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_png_batches_hold_the_pixels_torchvision_decodes(tmp_path, workers, channels):
-    """8-bit PNGs of the set's colour mode go straight into the batch through libspng; the rest
-    (alpha, the other colour mode) through torchvision; every pixel as torchvision gives."""
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_batches_hold_the_pixels_torchvision_decodes(tmp_path, fmt, workers, channels):
+    """Same-size JPEGs (simplejpeg) and 8-bit PNGs of the set's colour mode (libspng) are decoded
+    straight into the batch, the rest (PNGs with alpha or of the other colour mode) through
+    torchvision: every pixel as torchvision's decoder gives, except a CMYK JPEG, which simplejpeg
+    converts by another formula (within one level)."""
     from torchvision.io import ImageReadMode
 
     from dpt_scale.shards.writer import ShardSetWriter
 
-    modes = ["L", "RGB", "P", "P+tRNS", "1", "LA", "RGBA", "L"]
-    blobs = {f"k{i:02d}": _png_in_mode(i, 16, modes[i % len(modes)]) for i in range(16)}
-    with ShardSetWriter(tmp_path, classes=["a"], max_samples=5, image_field="png") as w:
+    def encoded(i: int) -> bytes:
+        if fmt == "jpg":
+            return jpeg(i, 16, "CMYK" if i == 5 else "RGB")
+        return _png_in_mode(i, 16, PNG_MODES[i % len(PNG_MODES)])
+
+    blobs = {f"k{i:02d}": encoded(i) for i in range(16)}
+    with ShardSetWriter(tmp_path, classes=["a"], max_samples=5, image_field=fmt) as w:
         for key, data in blobs.items():
-            w.write({"__key__": key, "png": data, "cls": 0}, (channels, 16, 16))
+            w.write({"__key__": key, fmt: data, "cls": 0}, (channels, 16, 16))
     loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
     assert loader.in_place == (channels, 16, 16)
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
@@ -386,7 +367,8 @@ def test_png_batches_hold_the_pixels_torchvision_decodes(tmp_path, workers, chan
         for key, image in zip(batch["key"], batch["image"]):
             expected = torch.ops.image.decode_image(torch.frombuffer(bytearray(blobs[key]), dtype=torch.uint8),
                                                     mode.value, False)
-            assert torch.equal(image, expected), key
+            tolerance = 1 if (fmt, key) == ("jpg", "k05") else 0
+            assert image.shape == expected.shape and (image.int() - expected.int()).abs().max() <= tolerance, key
             seen.add(key)
     assert len(seen) == 16
 
