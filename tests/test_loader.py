@@ -348,6 +348,7 @@ def test_batches_hold_the_pixels_torchvision_decodes(tmp_path, fmt, workers, cha
     converts by another formula (within one level)."""
     from torchvision.io import ImageReadMode
 
+    from dpt_scale.shards.decode import decode_image
     from dpt_scale.shards.writer import ShardSetWriter
 
     def encoded(i: int) -> bytes:
@@ -369,6 +370,8 @@ def test_batches_hold_the_pixels_torchvision_decodes(tmp_path, fmt, workers, cha
                                                     mode.value, False)
             tolerance = 1 if (fmt, key) == ("jpg", "k05") else 0
             assert image.shape == expected.shape and (image.int() - expected.int()).abs().max() <= tolerance, key
+            alone = decode_image(blobs[key], channels)  # the path with a transform: a tensor per image
+            assert alone.shape == expected.shape and (alone.int() - expected.int()).abs().max() <= tolerance, key
             seen.add(key)
     assert len(seen) == 16
 

@@ -119,13 +119,12 @@ def _decode_intact(data: bytes, channels: int) -> torch.Tensor:
             return torch.from_numpy(simplejpeg.decode_jpeg(data, _JPEG_MODES[channels]).transpose(2, 0, 1))
         except ValueError:
             pass  # torchvision below: another colour space, or damage that it reports
-    if data[:8] == _PNG_SIGNATURE:
+    if data[:8] == _PNG_SIGNATURE and _spng_gives(data, channels):
         try:
             image = imagecodecs.spng_decode(data)
-        except RuntimeError:
-            image = None  # torchvision below: a mode libspng does not give, or damage that it reports
-        if image is not None and image.dtype == np.uint8 and image.shape[2:] == ((3,) if channels == 3 else ()):
             return torch.from_numpy(image[np.newaxis] if channels == 1 else image.transpose(2, 0, 1))
+        except RuntimeError:
+            pass  # torchvision below: damage that it reports
     try:
         # bytearray: torch.frombuffer wants a writable buffer (the copy is tiny next to decoding).
         mode = _MODES[3] if data[8:12] == b"WEBP" else _MODES[channels]  # libwebp has no grayscale mode
@@ -136,3 +135,10 @@ def _decode_intact(data: bytes, channels: int) -> torch.Tensor:
         image = image[:3]
         image = rgb_to_grayscale(image) if channels == 1 else image.expand(3, -1, -1).contiguous()
     return image
+
+
+def _spng_gives(png: bytes, channels: int) -> bool:
+    """Whether libspng decodes this PNG to the 8-bit image wanted, read from its header (bit depth,
+    then colour type: gray for 1 channel, RGB or palette for 3), so that an image it would decode
+    in another mode goes to torchvision's conversion without being decoded twice."""
+    return png[24] <= 8 and png[25] in ((0,) if channels == 1 else (2, 3))
