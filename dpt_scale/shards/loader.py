@@ -190,7 +190,7 @@ class _Stream(IterableDataset):
             v = plan.stream_of(j)
             if v not in streams:
                 streams[v] = self._stream(plan, v, consumed)
-            yield self._collate(plan, streams[v].take(plan.batch_len(j)), j, worker)
+            yield self._collate(plan, *streams[v].take(plan.batch_len(j)), j, worker)
 
     def _stream(self, plan: EpochPlan, v: int, consumed: int) -> "_Cursor":
         """Stream v's samples, shuffled, minus those of the first `consumed` batches of the epoch.
@@ -251,13 +251,14 @@ class _Stream(IterableDataset):
             del self.maps[next(iter(self.maps))]
         return out
 
-    def _collate(self, plan: EpochPlan, rows: dict, j: int, worker: int) -> dict:
-        """Decode a batch into a pooled buffer; lost samples are replaced by repeats of good ones."""
+    def _collate(self, plan: EpochPlan, rows: dict, sound: bool, j: int, worker: int) -> dict:
+        """Decode a batch into a pooled buffer; lost samples are replaced by repeats of good ones.
+        `sound`: no sample of the batch is lost or lacks its member."""
         ld, size = self.ld, len(rows["shard"])
         batch = PooledBatch(self.pool, worker, size, ld.dir, ld.in_place)
         seed = random.Random(f"augment:{ld.seed}:{plan.epoch}:{ld.rank}:{j}").getrandbits(63) if ld.transform else None
         with _seeded(seed) if ld.transform else nullcontext():
-            good = self._fill_fast(batch, rows)
+            good = self._fill_fast(batch, rows) if sound else None
         if good is None:  # a lost or damaged sample, or an image for the other decoder: one at a time
             batch.filled, batch.pending = 0, []
             with _seeded(seed) if ld.transform else nullcontext():
@@ -265,8 +266,9 @@ class _Stream(IterableDataset):
         out = {ld.name: batch.finish(), "lost": size - len(good), "slot": (worker, batch.slot),
                "epoch": plan.epoch, "index": j}
         if good:
-            take = np.asarray(good)[np.arange(size) % len(good)]  # repeats stand in for lost samples
-            # keys travel as one array (a list of strings pickles string by string), listed on arrival
+            take = slice(None) if len(good) == size else np.asarray(good)[np.arange(size) % len(good)]
+            # repeats stand in for lost samples; keys travel as one array (a list of strings
+            # pickles string by string), listed on arrival
             out["cls"], out["key"] = rows["label"][take], rows["key"][take]
             if ld.with_json:
                 shards = rows["shard"][take].tolist()
@@ -283,8 +285,6 @@ class _Stream(IterableDataset):
     def _fill_fast(self, batch: "PooledBatch", rows: dict) -> list[int] | None:
         """The usual case, every sample sound, with no Python work per sample besides decoding (list
         comprehensions over whole chunks); None at the first exception to the rule."""
-        if rows["shard"].min() < 0 or rows["span"][:, 0].min() < 0:
-            return None
         shards, spans = rows["shard"].tolist(), rows["span"]
         maps = self._maps(shards)
         data = [maps[s][a:b] for s, a, b in zip(shards, spans[:, 0].tolist(), spans[:, 1].tolist())]
@@ -357,15 +357,20 @@ class _Stream(IterableDataset):
 
 
 class _Cursor:
-    """A stream's rows in the order they are read, taken a batch at a time."""
+    """A stream's rows in the order they are read, taken a batch at a time: the columns are put
+    in that order once, so that a batch is a slice of each."""
 
     def __init__(self, rows: dict, order: np.ndarray):
-        self.rows, self.order, self.pos = rows, order, 0
+        self.rows, self.pos = {name: column[order] for name, column in rows.items()}, 0
+        # lost samples and missing members up to each row, to tell a sound batch at once
+        unsound = (self.rows["shard"] < 0) | (self.rows["span"][:, 0] < 0)
+        self.unsound_before = np.concatenate([[0], np.cumsum(unsound)]).tolist()
 
-    def take(self, n: int) -> dict:
-        chosen = self.order[self.pos:self.pos + n]
-        self.pos += n
-        return {name: column[chosen] for name, column in self.rows.items()}
+    def take(self, n: int) -> tuple[dict, bool]:
+        """The next n rows, and whether every one of them is sound."""
+        at, self.pos = self.pos, self.pos + n
+        sound = self.unsound_before[self.pos] == self.unsound_before[at]
+        return {name: column[at:self.pos] for name, column in self.rows.items()}, sound
 
 
 def _load_array(data: bytes) -> torch.Tensor:
