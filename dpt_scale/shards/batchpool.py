@@ -45,12 +45,13 @@ class BatchPool:
         self._flags = None  # `free` as NumPy sees it (see `flags`)
         self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat uint8 buffer
         self._views: dict[int, tuple] = {}  # worker side: slot -> (layout, the buffer in that layout)
-        self._sent: dict[int, torch.Tensor] = {}  # worker side: slot -> the buffer the main process has
+        self._sent: dict[int, tuple] = {}  # worker side: slot -> (the buffer the main process has, its last layout)
         # main side: every buffer received, kept mapped; and the slots received and not yet handed
         # back (once handed back, a slot may already hold the next batch, still on its way here)
         self._mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
         self._outstanding: set[tuple[int, int]] = set()
         self._idle: dict[tuple[int, int], int] = {}  # main side: the owners a slot has when unused
+        self._kept: dict[tuple[int, int], torch.Tensor] = {}  # main side: the slot's batch as last laid out
 
     # ---- worker side
 
@@ -86,16 +87,18 @@ class BatchPool:
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_flags": None}
 
-    def send(self, slot: int, tensor: torch.Tensor) -> torch.Tensor | tuple:
+    def send(self, slot: int, tensor: torch.Tensor) -> torch.Tensor | tuple | None:
         """What goes to the main process for a batch in `slot`: the tensor the first time its
-        buffer goes, afterwards its layout (shape, stride, offset, dtype), which `received` rebuilds
-        it from."""
+        buffer goes; afterwards its layout (shape, stride, offset, dtype) when that changed, which
+        `received` rebuilds it from, else None (as last time)."""
         if not self.send_once or slot < 0:
             return tensor
-        if self._sent.get(slot) is self._buffers[slot]:
-            return tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset(), tensor.dtype
-        self._sent[slot] = self._buffers[slot]
-        return tensor
+        layout = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset(), tensor.dtype
+        buffer, last = self._sent.get(slot, (None, None))
+        self._sent[slot] = self._buffers[slot], layout
+        if buffer is not self._buffers[slot]:
+            return tensor
+        return None if layout == last else layout
 
     def _new(self, nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -103,23 +106,28 @@ class BatchPool:
 
     # ---- main side
 
-    def received(self, worker: int, slot: int, sent: torch.Tensor | tuple) -> torch.Tensor:
+    def received(self, worker: int, slot: int, sent: torch.Tensor | tuple | None) -> torch.Tensor:
         """The batch tensor for what `send` sent; the buffer counts as in use until handed back."""
         if slot < 0:
             return sent
-        if isinstance(sent, tuple):
-            shape, stride, offset, dtype = sent
-            tensor = torch.empty(0, dtype=dtype).set_(self._mapped[worker, slot], offset, shape, stride)
+        if sent is None or isinstance(sent, tuple):
+            if sent is not None:  # kept for the batches to come in the same layout
+                shape, stride, offset, dtype = sent
+                self._kept[worker, slot] = torch.empty(0, dtype=dtype).set_(self._mapped[worker, slot], offset, shape, stride)
+            tensor = self._kept[worker, slot].detach()  # each batch its own alias (see hand_back)
+        elif sent.is_pinned():  # DataLoader's pin_memory thread copied it out and let the buffer go
+            self.flags[worker, slot] = 1
+            return sent
         else:
             tensor = sent
-        if tensor.is_pinned():  # DataLoader's pin_memory thread copied it out and let the buffer go
-            self.flags[worker, slot] = 1
-        else:
-            storage = self._mapped[worker, slot] = tensor.untyped_storage()
-            # The buffer's owners now: the pool's own (in-process, its buffer and shaped view; in
-            # the main process, `storage`) and the batch tensor; idle once the batch's are gone.
-            self._idle[worker, slot] = _owners(storage) - 1
-            self._outstanding.add((worker, slot))
+            if self.shared:
+                self._kept[worker, slot], tensor = tensor, tensor.detach()
+        storage = self._mapped[worker, slot] = tensor.untyped_storage()
+        # The buffer's owners now: the pool's own (its buffer and shaped view in-process; in the
+        # main process, `storage` and the kept tensor) and the batch tensor; idle once the batch's
+        # are gone.
+        self._idle[worker, slot] = _owners(storage) - 1
+        self._outstanding.add((worker, slot))
         return tensor
 
     def hand_back(self) -> None:

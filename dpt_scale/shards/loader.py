@@ -31,6 +31,7 @@ in `loader.lost`.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import mmap
@@ -362,14 +363,14 @@ class _Cursor:
 
     def __init__(self, rows: dict, order: np.ndarray):
         self.rows, self.pos = {name: column[order] for name, column in rows.items()}, 0
-        # lost samples and missing members up to each row, to tell a sound batch at once
-        unsound = (self.rows["shard"] < 0) | (self.rows["span"][:, 0] < 0)
-        self.unsound_before = np.concatenate([[0], np.cumsum(unsound)]).tolist()
+        # where the lost samples and missing members are (usually nowhere), to tell a sound batch
+        sound = (rows["shard"] >= 0).all() and (rows["span"][:, 0] >= 0).all()
+        self.unsound = [] if sound else np.flatnonzero((self.rows["shard"] < 0) | (self.rows["span"][:, 0] < 0)).tolist()
 
     def take(self, n: int) -> tuple[dict, bool]:
         """The next n rows, and whether every one of them is sound."""
         at, self.pos = self.pos, self.pos + n
-        sound = self.unsound_before[self.pos] == self.unsound_before[at]
+        sound = bisect.bisect_left(self.unsound, at) == bisect.bisect_left(self.unsound, self.pos)
         return {name: column[at:self.pos] for name, column in self.rows.items()}, sound
 
 
