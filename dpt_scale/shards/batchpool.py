@@ -13,8 +13,8 @@ shared tensor costs a file-descriptor handover per batch, about 0.5 ms; docs/ben
 A buffer is reused only once nothing outside the pool refers to it any more: the main process
 keeps one reference to each buffer it has received and, before each batch, hands back every
 buffer whose storage has no other user (no tensor, view, NumPy array or alias of it is alive:
-the storage's use count is back to the pool's own). A worker that finds no free buffer allocates a new one rather
-than wait, so a caller who keeps batches cannot stall it.
+the storage's use count is back to the pool's own). A worker that finds no free buffer allocates
+a new one rather than wait, so a caller who keeps batches cannot stall it.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class BatchPool:
         self._flags = None  # `free` as NumPy sees it (see `flags`)
         self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat uint8 buffer
         self._views: dict[int, tuple] = {}  # worker side: slot -> (layout, the buffer in that layout)
-        self._sent: dict[int, tuple] = {}  # worker side: slot -> (the buffer the main process has, its last layout)
+        self._sent: dict[int, tuple] = {}  # worker side: slot -> (buffer the main process has, last layout)
         # main side: every buffer received, kept mapped; and the slots received and not yet handed
         # back (once handed back, a slot may already hold the next batch, still on its way here)
         self._mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
@@ -113,7 +113,8 @@ class BatchPool:
         if sent is None or isinstance(sent, tuple):
             if sent is not None:  # kept for the batches to come in the same layout
                 shape, stride, offset, dtype = sent
-                self._kept[worker, slot] = torch.empty(0, dtype=dtype).set_(self._mapped[worker, slot], offset, shape, stride)
+                storage = self._mapped[worker, slot]
+                self._kept[worker, slot] = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
             tensor = self._kept[worker, slot].detach()  # each batch its own alias (see hand_back)
         elif sent.is_pinned():  # DataLoader's pin_memory thread copied it out and let the buffer go
             self.flags[worker, slot] = 1

@@ -364,14 +364,18 @@ class _Cursor:
     def __init__(self, rows: dict, order: np.ndarray):
         self.rows, self.pos = {name: column[order] for name, column in rows.items()}, 0
         # where the lost samples and missing members are (usually nowhere), to tell a sound batch
-        sound = (rows["shard"] >= 0).all() and (rows["span"][:, 0] >= 0).all()
-        self.unsound = [] if sound else np.flatnonzero((self.rows["shard"] < 0) | (self.rows["span"][:, 0] < 0)).tolist()
+        self.unsound = np.flatnonzero(_unsound(self.rows)).tolist() if _unsound(rows).any() else []
 
     def take(self, n: int) -> tuple[dict, bool]:
         """The next n rows, and whether every one of them is sound."""
         at, self.pos = self.pos, self.pos + n
         sound = bisect.bisect_left(self.unsound, at) == bisect.bisect_left(self.unsound, self.pos)
         return {name: column[at:self.pos] for name, column in self.rows.items()}, sound
+
+
+def _unsound(rows: dict) -> np.ndarray:
+    """Which rows are a lost sample (shard -1) or lack the member read (span -1)."""
+    return (rows["shard"] < 0) | (rows["span"][:, 0] < 0)
 
 
 def _load_array(data: bytes) -> torch.Tensor:
