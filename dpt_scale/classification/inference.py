@@ -22,7 +22,7 @@ from dpt_scale.shards.batchpool import BatchPool, as_is
 from dpt_scale.shards.decode import (ImageDecodeError, decode_all_into, decode_image, decode_images,
                                      decode_into, in_place_shape)
 from dpt_scale.shards.manifest import Manifest
-from dpt_scale.shards.rows import shard_rows
+from dpt_scale.shards.rows import END, LABEL, START, shard_rows
 from dpt_scale.shards.tar import open_map
 
 
@@ -65,7 +65,7 @@ class _ShardBatches(IterableDataset):
                 message = rows.explain(int(np.argmax(rows.bad > 0)))
                 raise ShardError(message if "shards verify" in message
                                  else f"{message}; run `dpt-scale shards verify {self.dir}`")
-            keys, labels, spans = rows.columns["key"], rows.columns["label"], rows.columns["span"].tolist()
+            keys, labels, spans = rows.keys, rows.table[:, LABEL], rows.table[:, START:END + 1].tolist()
             for at in range(0, entry.samples, self.batch_size):
                 end = min(at + self.batch_size, entry.samples)
                 images, slot = self._images(mm, spans[at:end], keys[at:end], rows.path, worker)

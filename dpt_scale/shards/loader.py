@@ -53,7 +53,7 @@ from dpt_scale.shards.decode import (ImageDecodeError, decode_all_into, decode_i
 from dpt_scale.shards.index import BAD_LABEL, load_npy, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
-from dpt_scale.shards.rows import ShardRows, shard_rows
+from dpt_scale.shards.rows import END, JSON_END, JSON_START, LABEL, SHARD, START, ShardRows, shard_rows
 from dpt_scale.shards.tar import open_map, iter_samples
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ class _Stream(IterableDataset):
         The shuffle moves each sample by less than the stream's share of the shuffle buffer (a
         jittered sort), so a stream still reads its shards front to back, give or take that many."""
         parts = [self._segment(seg) for seg in plan.segments(v)]
-        rows = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        order = np.arange(len(rows["shard"]))
+        table, keys = (np.concatenate(column) for column in zip(*parts)) if len(parts) > 1 else parts[0]
+        order = np.arange(len(table))
         if self.ld.shuffle:
             if self.jitter is None:  # one draw per epoch, which each stream takes its part of
                 seed = random.Random(f"samples:{self.ld.seed}:{plan.epoch}:{self.ld.rank}").getrandbits(64)
@@ -207,10 +207,11 @@ class _Stream(IterableDataset):
             size = max(1, self.ld.shuffle_buffer // self.ld.streams)  # the rank's buffer, shared out
             start, stop = plan.stream_range(v)
             order = np.argsort(order + self.jitter[start:stop] * size, kind="stable")
-        return _Cursor(rows, order[plan.skipped(v, consumed):])
+        return _Cursor(table, keys, order[plan.skipped(v, consumed):])
 
-    def _segment(self, seg: Segment) -> dict:
-        """The rows of samples seg.start to seg.stop; shard -1 marks a lost one (policy skip)."""
+    def _segment(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+        """The rows (table, keys) of samples seg.start to seg.stop; shard -1 marks a lost one (policy
+        skip)."""
         ld, entry = self.ld, self.ld.manifest.shards[seg.shard]
         try:
             rows = self.rows.get(seg.shard)
@@ -227,18 +228,17 @@ class _Stream(IterableDataset):
                 raise
             n = seg.stop - seg.start
             log.warning(f"skipping {n} sample(s) of {entry.name}: {exc}")
-            lost = {"shard": np.full(n, -1), "key": np.full(n, ""), "label": np.full(n, -1),
-                    "span": np.full((n, 2), -1)}
-            return lost | ({"json": lost["span"]} if ld.with_json else {})
-        part = {name: column[seg.start:seg.stop] for name, column in rows.columns.items()}
+            return np.full((n, 6 if ld.with_json else 4), -1, dtype=np.int64), np.full(n, "")
+        table, keys = rows.table[seg.start:seg.stop], rows.keys[seg.start:seg.stop]
         bad = None if rows.bad is None else rows.bad[seg.start:seg.stop]
         if bad is not None and bad.any():
             message = rows.explain(seg.start + int(np.argmax(bad > 0)))
             if ld.on_corrupt == "error":
                 raise ShardError(message)
             log.warning(f"skipping {int((bad > 0).sum())} sample(s) of {entry.name}: {message}")
-            part["shard"] = np.where(bad > 0, -1, part["shard"])
-        return part
+            table = table.copy()  # (the shard's rows are kept for later epochs)
+            table[bad > 0, SHARD] = -1
+        return table, keys
 
     def _maps(self, shards) -> dict[int, mmap.mmap]:
         """The memory maps of these shards, opened as needed; the SHARDS_KEPT last used stay open."""
@@ -252,30 +252,30 @@ class _Stream(IterableDataset):
             del self.maps[next(iter(self.maps))]
         return out
 
-    def _collate(self, plan: EpochPlan, rows: dict, sound: bool, j: int, worker: int) -> dict:
+    def _collate(self, plan: EpochPlan, table: np.ndarray, keys: np.ndarray, sound: bool, j: int,
+                 worker: int) -> dict:
         """Decode a batch into a pooled buffer; lost samples are replaced by repeats of good ones.
-        `sound`: no sample of the batch is lost or lacks its member."""
-        ld, size = self.ld, len(rows["shard"])
+        `sound`: no sample of the batch is lost or unreadable."""
+        ld, size = self.ld, len(table)
         batch = PooledBatch(self.pool, worker, size, ld.dir, ld.in_place)
         seed = random.Random(f"augment:{ld.seed}:{plan.epoch}:{ld.rank}:{j}").getrandbits(63) if ld.transform else None
         with _seeded(seed) if ld.transform else nullcontext():
-            good = self._fill_fast(batch, rows) if sound else None
+            good = self._fill_fast(batch, table) if sound else None
         if good is None:  # a lost or damaged sample, or an image for the other decoder: one at a time
             batch.filled, batch.pending = 0, []
             with _seeded(seed) if ld.transform else nullcontext():
-                good = self._fill(batch, rows)
+                good = self._fill(batch, table, keys)
         out = {ld.name: batch.finish(), "lost": size - len(good), "slot": (worker, batch.slot),
                "epoch": plan.epoch, "index": j}
         if good:
             take = slice(None) if len(good) == size else np.asarray(good)[np.arange(size) % len(good)]
             # repeats stand in for lost samples; keys travel as one array (a list of strings
             # pickles string by string), listed on arrival
-            out["cls"], out["key"] = rows["label"][take], rows["key"][take]
+            out["cls"], out["key"] = np.ascontiguousarray(table[take, LABEL]), keys[take]
             if ld.with_json:
-                shards = rows["shard"][take].tolist()
-                maps = self._maps(shards)
-                out["json"] = [None if s < 0 else json.loads(maps[shard][s:e])
-                               for shard, (s, e) in zip(shards, rows["json"][take].tolist())]
+                rows = table[take][:, [SHARD, JSON_START, JSON_END]].tolist()
+                maps = self._maps(shard for shard, _, _ in rows)
+                out["json"] = [None if start < 0 else json.loads(maps[shard][start:end]) for shard, start, end in rows]
         else:  # not one readable sample in the whole batch: the set's first stands in
             label, key, meta = batch.stand_in
             out["cls"], out["key"] = np.full(size, label, dtype=np.int64), np.full(size, key)
@@ -283,12 +283,12 @@ class _Stream(IterableDataset):
                 out["json"] = [meta] * size
         return out
 
-    def _fill_fast(self, batch: "PooledBatch", rows: dict) -> list[int] | None:
+    def _fill_fast(self, batch: "PooledBatch", table: np.ndarray) -> list[int] | None:
         """The usual case, every sample sound, with no Python work per sample besides decoding (list
         comprehensions over whole chunks); None at the first exception to the rule."""
-        shards, spans = rows["shard"].tolist(), rows["span"]
+        shards = table[:, SHARD].tolist()
         maps = self._maps(shards)
-        data = [maps[s][a:b] for s, a, b in zip(shards, spans[:, 0].tolist(), spans[:, 1].tolist())]
+        data = [maps[s][a:b] for s, a, b in zip(shards, table[:, START].tolist(), table[:, END].tolist())]
         if batch.hwc is not None:  # images decoded straight into the batch
             if not decode_all_into(data, batch.hwc):
                 return None
@@ -304,11 +304,11 @@ class _Stream(IterableDataset):
             return None
         return list(range(len(data)))
 
-    def _fill(self, batch: "PooledBatch", rows: dict) -> list[int]:
+    def _fill(self, batch: "PooledBatch", table: np.ndarray, keys: np.ndarray) -> list[int]:
         """Sample by sample: lost ones skipped, damaged ones reported (or skipped, by the policy)."""
         ld, hwc, good = self.ld, batch.hwc, []
-        maps = self._maps(s for s in rows["shard"].tolist() if s >= 0)
-        for p, (shard, (start, end)) in enumerate(zip(rows["shard"].tolist(), rows["span"].tolist())):
+        maps = self._maps(s for s in table[:, SHARD].tolist() if s >= 0)
+        for p, (shard, start, end) in enumerate(table[:, [SHARD, START, END]].tolist()):
             if shard < 0:
                 continue
             data = maps[shard][start:end]
@@ -319,7 +319,7 @@ class _Stream(IterableDataset):
                     batch.add(self._decode(data))
             except ImageDecodeError as exc:
                 message = (f"{ld.dir / ld.manifest.shards[shard].name}: member "
-                           f"'{rows['key'][p]}.{ld.field}' does not decode ({exc})")
+                           f"'{keys[p]}.{ld.field}' does not decode ({exc})")
                 if ld.on_corrupt == "error":
                     raise ShardError(message) from None
                 log.warning(f"skipping a damaged sample: {message}")
@@ -358,24 +358,20 @@ class _Stream(IterableDataset):
 
 
 class _Cursor:
-    """A stream's rows in the order they are read, taken a batch at a time: the columns are put
-    in that order once, so that a batch is a slice of each."""
+    """A stream's rows in the order they are read, taken a batch at a time: the rows are put in
+    that order once, so that a batch is a slice."""
 
-    def __init__(self, rows: dict, order: np.ndarray):
-        self.rows, self.pos = {name: column[order] for name, column in rows.items()}, 0
-        # where the lost samples and missing members are (usually nowhere), to tell a sound batch
-        self.unsound = np.flatnonzero(_unsound(self.rows)).tolist() if _unsound(rows).any() else []
+    def __init__(self, table: np.ndarray, keys: np.ndarray, order: np.ndarray):
+        self.table, self.keys, self.pos = table.take(order, axis=0), keys.take(order), 0
+        # where the lost and unreadable samples are (usually nowhere), to tell a sound batch
+        lost = self.table[:, SHARD] < 0
+        self.unsound = np.flatnonzero(lost).tolist() if lost.any() else []
 
-    def take(self, n: int) -> tuple[dict, bool]:
-        """The next n rows, and whether every one of them is sound."""
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The next n rows (table, keys), and whether every one of them is sound."""
         at, self.pos = self.pos, self.pos + n
         sound = bisect.bisect_left(self.unsound, at) == bisect.bisect_left(self.unsound, self.pos)
-        return {name: column[at:self.pos] for name, column in self.rows.items()}, sound
-
-
-def _unsound(rows: dict) -> np.ndarray:
-    """Which rows are a lost sample (shard -1) or lack the member read (span -1)."""
-    return (rows["shard"] < 0) | (rows["span"][:, 0] < 0)
+        return self.table[at:self.pos], self.keys[at:self.pos], sound
 
 
 def _load_array(data: bytes) -> torch.Tensor:

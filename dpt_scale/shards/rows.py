@@ -1,10 +1,13 @@
 """One shard's samples as the loader reads them: parallel arrays built from the shard's index
 (index.py), with every sample that cannot be read marked and explained.
 
-Columns, one row per sample the manifest lists: `shard` (the shard's number in the manifest),
-`key`, `label` (the `cls` member, or the caller's mapping from keys), `span` ([start, end) of the
-member the loader decodes) and, when asked for, `json` (its span). `bad` holds a problem code per
-row (0: readable); `explain(i)` words row i's problem for a user, naming the shard and member.
+One row per sample the manifest lists: its `key`, and in one int64 `table` the columns SHARD (the
+shard's number in the manifest), LABEL (the `cls` member, or the caller's mapping from keys),
+START and END (the bytes of the member the loader decodes) and, when asked for, JSON_START and
+JSON_END. The integers share one array so that the loader builds a stream's rows with one slice,
+one concatenation and one gather, not one of each per column (a stream's set-up was the largest
+piece of the loader's own work at 28 px; docs/benchmarks.md). `bad` holds a problem code per row
+(0: readable); `explain(i)` words row i's problem for a user, naming the shard and member.
 """
 from __future__ import annotations
 
@@ -22,18 +25,20 @@ from dpt_scale.shards.manifest import Manifest, ShardEntry
 
 log = logging.getLogger(__name__)
 READABLE, CUT_SHORT, NO_MEMBER, CUT_MEMBER, NOT_A_LABEL = range(5)
+SHARD, LABEL, START, END, JSON_START, JSON_END = range(6)  # the table's columns
 
 
 @dataclass
 class ShardRows:
-    columns: dict[str, np.ndarray]
+    table: np.ndarray  # int64 (samples, 4), or 6 with the json spans
+    keys: np.ndarray
     bad: np.ndarray | None  # None: every row readable
     path: Path
     field: str
     fault: str  # what cut the shard short, if it is
 
     def explain(self, i: int) -> str:
-        key = self.columns["key"][i]
+        key = self.keys[i]
         return f"{self.path}: " + {
             CUT_SHORT: self.fault,
             NO_MEMBER: f"sample '{key}' has no .{self.field} member",
@@ -49,31 +54,22 @@ def shard_rows(manifest: Manifest, directory: Path, shard: int, mm: mmap.mmap, f
     n, have = entry.samples, min(len(index), entry.samples)
     index = index[:have]
     names = index.dtype.names
-
-    def padded(values, fill, dtype, shape=()):
-        out = np.full((n, *shape), fill, dtype=dtype)
-        out[:have] = values
-        return out
-
-    def span(ext):
-        return padded(index[f"span:{ext}"], -1, np.int64, (2,)) if f"span:{ext}" in names \
-            else np.full((n, 2), -1, dtype=np.int64)
-
     keys = index["key"] if have == n else np.concatenate([index["key"], np.full(n - have, "", dtype="U1")])
+    table = np.full((n, 6 if with_json else 4), -1, dtype=np.int64)  # -1: no span, and NO_LABEL
+    table[:, SHARD] = shard
     # `labels` replaces the shards' own (which are then not used at all)
-    label = index["label"] if labels is None else [labels.get(k, NO_LABEL) for k in index["key"].tolist()]
-    columns = {"shard": np.full(n, shard, dtype=np.int64), "key": keys,
-               "label": padded(label, NO_LABEL, np.int64), "span": span(field)}
-    if with_json:
-        columns["json"] = span("json")
+    table[:have, LABEL] = index["label"] if labels is None else [labels.get(k, NO_LABEL) for k in index["key"].tolist()]
+    for ext, at in [(field, START)] + ([("json", JSON_START)] if with_json else []):
+        if f"span:{ext}" in names:
+            table[:have, at:at + 2] = index[f"span:{ext}"]
     bad = np.zeros(n, dtype=np.int8)
     bad[have:] = CUT_SHORT
-    bad[:have][columns["span"][:have, 1] > len(mm)] = CUT_MEMBER
-    bad[:have][columns["span"][:have, 0] < 0] = NO_MEMBER
-    bad[:have][columns["label"][:have] == BAD_LABEL] = NOT_A_LABEL
+    bad[:have][table[:have, END] > len(mm)] = CUT_MEMBER
+    bad[:have][table[:have, START] < 0] = NO_MEMBER
+    bad[:have][table[:have, LABEL] == BAD_LABEL] = NOT_A_LABEL
     cut = str(fault).removeprefix(f"{path}: ") if fault else (
         f"ends after {have} samples but the manifest lists {n}; run `dpt-scale shards verify {directory}`")
-    return ShardRows(columns, bad if bad.any() else None, path, field, cut)
+    return ShardRows(table, keys, bad if bad.any() else None, path, field, cut)
 
 
 def _index(path: Path, mm: mmap.mmap, entry: ShardEntry) -> tuple[np.ndarray, ShardError | None]:
