@@ -151,20 +151,27 @@ def decode_only(blobs: list, out: np.ndarray) -> None:
 
 
 class _DecodeOnly(IterableDataset):
-    """The decode loop inside a DataLoader worker: each item is one batch's worth of images
-    decoded (the worker's share of the set, cycling); only the count crosses over."""
+    """The decode loop inside a DataLoader worker: each item is `bundle` batches' worth of images
+    decoded (the worker's share of the set, cycling), as many as our loader hands over in one item,
+    so that both pay DataLoader's cost per item alike; only the counts cross over."""
 
-    def __init__(self, blobs: list, out_shape: tuple[int, int, int]):
-        self.blobs, self.out_shape = blobs, out_shape
+    def __init__(self, blobs: list, out_shape: tuple[int, int, int], bundle: int):
+        self.blobs, self.out_shape, self.bundle = blobs, out_shape, bundle
 
     def __iter__(self):
         info = get_worker_info()
         mine = self.blobs[info.id::info.num_workers] if info else self.blobs
         out = np.empty(self.out_shape, dtype=np.uint8)
         while True:
-            for i in range(0, len(mine), BATCH):
-                decode_only(mine[i:i + BATCH], out)
-                yield BATCH
+            for i in range(0, len(mine) - self.bundle * BATCH + 1, self.bundle * BATCH):
+                decode_only(mine[i:i + self.bundle * BATCH], out)
+                yield [BATCH] * self.bundle
+
+
+def _each(items):
+    """Bundled items, one batch (count) at a time."""
+    for item in items:
+        yield from item
 
 
 class Decoding:
@@ -230,13 +237,15 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
         pass
     # The decode loop run in 1 and 2 DataLoader workers: what a worker can decode while the main
     # process is active too (on this VM, any work on the second vCPU slows the first, by up to a sixth).
-    for workers in (1, 2):
-        dl = DataLoader(_DecodeOnly(blobs, one_image.shape), batch_size=None, num_workers=workers)
-        sources[f"decode_limit_{workers}w"] = Batches(iter(dl), prefetched=2 * workers)
     # Loaders read epoch after epoch, as training does (ours: one endless stream of batches).
+    bundle = {}
     for workers in (0, 1, 2):
         loader = ShardLoader(shards, BATCH, workers=workers, streams=24, world_size=1, rank=0)
-        sources[f"ours_{workers}w"] = Batches(loader.batches(0), prefetched=2 * workers)
+        bundle[workers] = loader.bundle  # batches a worker hands over in one DataLoader item
+        sources[f"ours_{workers}w"] = Batches(loader.batches(0), prefetched=2 * workers * loader.bundle)
+    for workers in (1, 2):
+        dl = DataLoader(_DecodeOnly(blobs, one_image.shape, bundle[workers]), batch_size=None, num_workers=workers)
+        sources[f"decode_limit_{workers}w"] = Batches(_each(dl), prefetched=2 * workers * bundle[workers])
     folder = datasets.ImageFolder(files, transform=transforms.PILToTensor(),
                                   loader=gray_loader if channels == 1 else datasets.folder.pil_loader)
     for workers in (1, 2):
@@ -270,7 +279,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
     median = lambda key: statistics.median(rates[key])  # noqa: E731
     ratio = lambda key, per=1: statistics.median(pairs[key]) / per  # noqa: E731
     result = {"name": name, "images": n, "image": manifest.image, "mean_bytes": int(np.mean([len(b) for b in blobs])),
-              "window_batches": k, "rounds": rounds,
+              "window_batches": k, "rounds": rounds, "batches_per_item": {f"{w}w": bundle[w] for w in (1, 2)},
               "rates": {key: round(median(key)) for key in rates} | {"tar_parse_only": round(tar_parse)},
               "import": import_rate, "startup_ms": startup,
               "pairs": {key: [round(r, 3) for r in v] for key, v in pairs.items()},
@@ -285,7 +294,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
                          "ours_2w / imagefolder_2w": median("ours_2w") / median("imagefolder_2w")}}
     print(f"\n## {name}: {n} images, {manifest.image['field']}, {manifest.image['channels']} channel(s), "
           f"{manifest.image['size']}, {result['mean_bytes']} bytes on average; {rounds} rounds of "
-          f"{k}-batch windows")
+          f"{k}-batch windows; {bundle[1]} / {bundle[2]} batches a DataLoader item with 1 / 2 workers")
     for key, value in {**result["rates"], **import_rate}.items():
         print(f"  {key:<36} {value:>9} img/s")
     for key, value in result["ratios"].items():

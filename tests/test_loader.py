@@ -36,7 +36,7 @@ def test_plans_give_every_rank_the_same_work_and_each_sample_once(counts, batch,
 
 
 def test_an_epoch_reads_every_sample_once(uneven_set):
-    loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, world_size=1, rank=0, streams=4)
+    loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, world_size=1, rank=0, streams=8)
     got = keys(loader)
     assert sorted(got) == [f"s{i:05d}" for i in range(110)]
     batch = next(iter(loader.epoch(0)))
@@ -93,6 +93,21 @@ def test_batches_run_on_across_epochs_in_the_same_order(uneven_set, workers):
         [(1, j) for j in range(2, per_epoch)] + [(2, j) for j in range(per_epoch)] + [(3, 0), (3, 1)])
     assert [k for b in endless[:per_epoch - 2] for k in b["key"]] == keys(loader, 1, offset=8)
     assert [k for b in endless[per_epoch - 2:2 * per_epoch - 2] for k in b["key"]] == keys(loader, 2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_small_batches_handed_over_several_at_a_time_keep_the_order_and_resume(uneven_set, workers):
+    """A worker hands small batches over 4 to a DataLoader item; items straddle epochs (27 batches
+    an epoch) and a resume can start inside one, and the batches are still those read in-process."""
+    base = dict(batch_size=4, seed=2, world_size=1, rank=0, streams=8)
+    loader = ShardLoader(uneven_set, workers=workers, **base)
+    assert loader.bundle == 4
+    reference = ShardLoader(uneven_set, **base)
+    for epoch, offset in ((1, 0), (1, 4 * 3), (2, 4 * 26)):
+        got = list(islice(loader.batches(epoch, offset), 2 * len(loader)))
+        want = list(islice(reference.batches(epoch, offset), 2 * len(loader)))
+        assert [(b["epoch"], b["index"], b["key"]) for b in got] == [(b["epoch"], b["index"], b["key"]) for b in want]
+        assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["cls"], b["cls"]) for a, b in zip(got, want))
 
 
 def test_shards_without_a_usable_index_are_walked_to_the_same_batches(uneven_set, caplog):

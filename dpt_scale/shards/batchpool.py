@@ -25,7 +25,6 @@ import torch
 
 from dpt_scale.errors import UserError
 
-SLOTS = 6  # buffers per worker: 2 prefetched + 1 being filled + 2 held by the caller, and one spare
 STACK_BYTES = 2 << 20  # decoded images are stacked into a batch this many bytes at a time
 # A batch starts this many bytes into its buffer. torch allocates at multiples of 64 bytes, and
 # simplejpeg decoding 64 px images into memory that starts 16 bytes past that ran 1.07x faster with
@@ -34,12 +33,16 @@ OFFSET = 16
 
 
 class BatchPool:
-    def __init__(self, workers: int, shared: bool, pinned: bool = False):
+    def __init__(self, workers: int, shared: bool, pinned: bool = False, bundle: int = 1):
+        """`bundle`: batches per DataLoader item (a worker hands over that many at a time)."""
         self.shared = shared
+        # buffers per worker: items being read, prefetched and filled (3 of `bundle` batches),
+        # 2 batches held by the caller and a spare
+        self.slots = 3 * bundle + 3
         # DataLoader's pin_memory thread copies every tensor it sees out of shared memory: with it,
         # batches travel whole, as the copy lets the buffer go at once.
         self.send_once = shared and not pinned
-        self.free = torch.ones(max(workers, 1), SLOTS, dtype=torch.uint8)  # 1: the worker may use it
+        self.free = torch.ones(max(workers, 1), self.slots, dtype=torch.uint8)  # 1: the worker may use it
         if shared:
             self.free.share_memory_()
         self._flags = None  # `free` as NumPy sees it (see `flags`)
@@ -61,7 +64,7 @@ class BatchPool:
         back). `channels_last` lays a (B, C, H, W) batch out as (B, H, W, C) in memory."""
         layout = (shape, dtype, channels_last)
         flags = self.flags
-        for slot in range(SLOTS):
+        for slot in range(self.slots):
             if flags[worker, slot]:
                 flags[worker, slot] = 0
                 made = self._views.get(slot)

@@ -34,11 +34,12 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import mmap
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from itertools import count
+from itertools import chain, count
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,10 @@ POLICIES = ("error", "skip")
 # (~100 bytes a sample), the most recently used: all of a small set (MNIST: 10), so that epochs
 # after the first neither rebuild rows nor fault the pages in again; a bounded number of a large one.
 SHARDS_KEPT = 64
+# A DataLoader item costs the main process ~150 us and a worker about as much, whatever it holds,
+# a few percent of decoding a batch of small images; so a worker hands small batches over several
+# at a time, up to BUNDLE of them or about BUNDLE_BYTES of images (docs/benchmarks.md).
+BUNDLE, BUNDLE_BYTES = 4, 1 << 20
 
 
 class ShardLoader:
@@ -102,6 +107,17 @@ class ShardLoader:
         if workers and streams % workers:
             raise UserError(f"{workers} dataloader workers do not divide {streams} streams; "
                             "set data.loader.workers to a divisor of data.loader.streams")
+        self.bundle = self._bundle()
+
+    def _bundle(self) -> int:
+        """Batches per DataLoader item: several when batches are small, as long as bundle x workers
+        divides the streams (so that each stream is still read by one worker; see _Stream)."""
+        if not self.workers or self.in_place is None:
+            return 1
+        k = max(1, min(BUNDLE, BUNDLE_BYTES // (self.batch_size * math.prod(self.in_place))))
+        while self.streams % (k * self.workers):
+            k -= 1
+        return k
 
     def plan(self, epoch: int) -> EpochPlan:
         return EpochPlan([s.samples for s in self.manifest.shards], batch_size=self.batch_size,
@@ -117,7 +133,7 @@ class ShardLoader:
         if offset % self.batch_size or offset > self.batch_size * self.batches_per_epoch:
             raise UserError(f"offset {offset} must be a multiple of the batch size {self.batch_size} "
                             f"and at most {self.batch_size * self.batches_per_epoch} (one epoch)")
-        pool = BatchPool(self.workers, shared=self.workers > 0, pinned=self.pin_memory)
+        pool = BatchPool(self.workers, shared=self.workers > 0, pinned=self.pin_memory, bundle=self.bundle)
         stream = _Stream(self, epoch, offset // self.batch_size, pool)
         # A private generator: DataLoader would otherwise draw its worker seed from the caller's
         # global RNG, shifting the caller's random numbers (a resumed run would draw differently).
@@ -126,18 +142,19 @@ class ShardLoader:
             collate_fn=as_is, generator=torch.Generator().manual_seed(self.seed)))
         current, lost = epoch, 0
         try:
-            for batch in source:
-                if "error" in batch:
-                    is_shard_error, message = batch["error"]
-                    raise (ShardError if is_shard_error else UserError)(message)
-                batch[self.name] = pool.received(*batch.pop("slot"), batch[self.name])
-                batch["cls"], batch["key"] = torch.from_numpy(batch["cls"]), batch["key"].tolist()
-                pool.hand_back()
-                if batch["epoch"] != current:
-                    self._report(current, lost)
-                    current, lost = batch["epoch"], 0
-                lost += batch.pop("lost")
-                yield batch
+            for bundle in source:
+                for batch in bundle:
+                    if "error" in batch:
+                        is_shard_error, message = batch["error"]
+                        raise (ShardError if is_shard_error else UserError)(message)
+                    batch[self.name] = pool.received(*batch.pop("slot"), batch[self.name])
+                    batch["cls"], batch["key"] = torch.from_numpy(batch["cls"]), batch["key"].tolist()
+                    pool.hand_back()
+                    if batch["epoch"] != current:
+                        self._report(current, lost)
+                        current, lost = batch["epoch"], 0
+                    lost += batch.pop("lost")
+                    yield batch
         finally:
             self._report(current, lost)
 
@@ -158,10 +175,11 @@ class ShardLoader:
 
 
 class _Stream(IterableDataset):
-    """The rank's batches from (first_epoch, first_batch) on; inside a DataLoader worker, that
-    worker's share. DataLoader hands out work round-robin, so worker w delivers batches number
-    w, w + W, w + 2W, ... counted from the start; inside an epoch those all come from the streams
-    congruent to one residue mod W, which that worker alone reads (W divides the streams)."""
+    """The rank's batches from (first_epoch, first_batch) on, as lists of `bundle` batches; inside a
+    DataLoader worker, that worker's share. DataLoader hands out items round-robin, so worker w
+    delivers items w, w + W, w + 2W, ..., item i holding batches iK to iK + K - 1 counted from the
+    start (K = bundle). Inside an epoch, two batches of one stream are S apart, and KW divides the
+    S streams, so they fall to the same worker: each stream is read by one worker alone."""
 
     def __init__(self, loader: ShardLoader, first_epoch: int, first_batch: int, pool: BatchPool):
         self.ld, self.first_epoch, self.first_batch, self.pool = loader, first_epoch, first_batch, pool
@@ -169,21 +187,29 @@ class _Stream(IterableDataset):
         self.rows: dict[int, ShardRows] = {}  # shard -> its rows, oldest first
         self.jitter: np.ndarray | None = None  # the epoch's shuffle draw
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[list[dict]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        try:
-            yield from self._batches(worker, workers)
-        except UserError as exc:
-            if info is None:
-                raise
-            # A worker's exception reaches the main process wrapped in a traceback; hand the
-            # one-line message over as data instead.
-            yield {"error": (isinstance(exc, ShardError), str(exc))}
+        bundle = self.ld.bundle if info else 1
+        batches = self._batches(worker, workers, bundle)
+        while True:
+            items = []
+            try:
+                for _ in range(bundle):
+                    items.append(next(batches))
+            except UserError as exc:
+                if info is None:
+                    raise
+                # A worker's exception reaches the main process wrapped in a traceback; hand the
+                # one-line message over as data instead, after the batches made before it.
+                yield items + [{"error": (isinstance(exc, ShardError), str(exc))}]
+                return
+            yield items
 
-    def _batches(self, worker: int, workers: int) -> Iterator[dict]:
-        per_epoch, plan, streams = self.ld.batches_per_epoch, None, {}
-        for n in count(self.first_batch + worker, workers):
+    def _batches(self, worker: int, workers: int, bundle: int) -> Iterator[dict]:
+        first, per_epoch, plan, streams = self.first_batch, self.ld.batches_per_epoch, None, {}
+        items = (range(first + i * bundle, first + (i + 1) * bundle) for i in count(worker, workers))
+        for n in chain.from_iterable(items):  # the numbers of this worker's batches
             epoch, j = self.first_epoch + n // per_epoch, n % per_epoch
             if plan is None or plan.epoch != epoch:
                 plan, streams, self.jitter = self.ld.plan(epoch), {}, None
