@@ -220,7 +220,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
     # labels, keys or hand-over to another process. The batch comes from a BatchPool, so that it
     # has the loader's layout in memory (channels last, OFFSET bytes into its buffer).
     batch = BatchPool(1, shared=False).take(0, (BATCH, channels, *hw), torch.uint8, channels > 1)[0]
-    hwc = batch.permute(0, 2, 3, 1).numpy()
+    hwc = list(batch.permute(0, 2, 3, 1).numpy())  # each image's array, made once as the loader does
 
     def batch_floor(part):
         for at in range(0, len(part), BATCH):

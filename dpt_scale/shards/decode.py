@@ -74,18 +74,21 @@ def decode_into(data: bytes, out: np.ndarray) -> bool:
     """Decode a JPEG or PNG straight into `out`, a C-contiguous (H, W, C) uint8 array. False when
     it cannot (another format or size, a colour mode to convert, damage): decode it with
     `decode_image` then, which also tells damage apart."""
-    return decode_all_into([data], out[np.newaxis])
+    return decode_all_into([data], [out])
 
 
-def decode_all_into(blobs: list, out: np.ndarray) -> bool:
-    """Decode same-format images straight into out[0], out[1], ... (a C-contiguous (B, H, W, C)
-    uint8 array), but False at the first that cannot (then go one by one with `decode_into`).
+def decode_all_into(blobs: list, out: np.ndarray | list[np.ndarray]) -> bool:
+    """Decode same-format images straight into out[0], out[1], ... (C-contiguous (H, W, C) uint8
+    arrays: a batch array, or a list of its images made once), but False at the first that cannot
+    (then go one by one with `decode_into`).
     The readers' batch path: one list comprehension over the decoder, no wrapper call per image
     (at 28 or 64 px every us outside the decoder shows in the loader's speed, docs/benchmarks.md)."""
-    head, shape = blobs[0][:8] if blobs else b"", out.shape[1:]
+    if not blobs:
+        return True
+    head, shape = blobs[0][:8], out[0].shape
     try:
         if head[:2] == _JPEG_SIGNATURE:  # a smaller JPEG would fill only the start of its slot
-            decode, mode = simplejpeg.decode_jpeg, _JPEG_MODES[out.shape[3]]
+            decode, mode = simplejpeg.decode_jpeg, _JPEG_MODES[shape[2]]
             return all([decode(data, mode, buffer=slot).shape == shape for data, slot in zip(blobs, out)])
         if head == _PNG_SIGNATURE and all([png_chunks_intact(data) for data in blobs]):
             decode = imagecodecs.spng_decode  # raises on another size or colour mode, or a non-PNG
