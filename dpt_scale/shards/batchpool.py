@@ -48,7 +48,7 @@ class BatchPool:
             self.free.share_memory_()
         self._flags = None  # `free` as NumPy sees it (see `flags`)
         self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat uint8 buffer
-        self._views: dict[int, tuple] = {}  # worker side: slot -> (layout, the buffer in that layout)
+        self._views: dict[int, list] = {}  # worker side: slot -> [layout, the buffer so laid out, its images]
         self._sent: dict[int, tuple] = {}  # worker side: slot -> (buffer the main process has, last layout)
         # main side: every buffer received, kept mapped; and the slots received and not yet handed
         # back (once handed back, a slot may already hold the next batch, still on its way here)
