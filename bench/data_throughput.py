@@ -1,7 +1,8 @@
 """Data throughput, all in one run on the same images:
 
   (a) decode only: our decoder over the encoded bytes held in memory (the limit of any reader),
-      in-process and inside 1 and 2 DataLoader worker processes (the limit per worker),
+      in-process and inside 1 and 2 DataLoader worker processes (the limit per worker; a worker
+      hands over as many batches per DataLoader item as our loader does),
   (a') batch floor: the same bytes decoded into their places in a batch buffer, in order, as our
        loader fills a batch (what a loader with no work of its own besides decoding would reach),
   (b) our shard loader (dpt_scale.shards.loader.ShardLoader), 0 / 1 / 2 worker processes,
@@ -235,14 +236,14 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
         sources["torchcodec_decode"] = Decoding(torchcodec_loop, blobs)
     except ImportError:
         pass
-    # The decode loop run in 1 and 2 DataLoader workers: what a worker can decode while the main
-    # process is active too (on this VM, any work on the second vCPU slows the first, by up to a sixth).
     # Loaders read epoch after epoch, as training does (ours: one endless stream of batches).
     bundle = {}
     for workers in (0, 1, 2):
         loader = ShardLoader(shards, BATCH, workers=workers, streams=24, world_size=1, rank=0)
         bundle[workers] = loader.bundle  # batches a worker hands over in one DataLoader item
         sources[f"ours_{workers}w"] = Batches(loader.batches(0), prefetched=2 * workers * loader.bundle)
+    # The decode loop run in 1 and 2 DataLoader workers: what a worker can decode while the main
+    # process is active too (on this VM, any work on the second vCPU slows the first, by up to a sixth).
     for workers in (1, 2):
         dl = DataLoader(_DecodeOnly(blobs, one_image.shape, bundle[workers]), batch_size=None, num_workers=workers)
         sources[f"decode_limit_{workers}w"] = Batches(_each(dl), prefetched=2 * workers * bundle[workers])
