@@ -37,10 +37,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for
 class Trainer:
     def __init__(self, cfg: Train, out: str | Path, model_fn: Callable[[], torch.nn.Module],
                  loss_fn: Callable[["Trainer", dict], torch.Tensor], seed: int = 0,
-                 export_extra: dict | None = None, hooks: Iterable[Callable[["Trainer", int], None]] = ()):
+                 export_extra: dict | None = None, hooks: Iterable[Callable[["Trainer", int], None]] = (),
+                 hook_every: int | None = None):
+        """`hooks` run every `hook_every` steps (default cfg.sample_every; 0: never) on every rank."""
         import deepspeed
 
         self.cfg, self.out, self.loss_fn, self.hooks = cfg, Path(out), loss_fn, list(hooks)
+        self.hook_every = cfg.sample_every if hook_every is None else hook_every
         self.export_extra = export_extra or {}
         self.rank, self.world, self.device = init_distributed()
         _seed(seed)  # the same on every rank: identical initial weights
@@ -101,7 +104,7 @@ class Trainer:
                     metrics.log(self.step, loss=loss.item() / self.world, lr=self.engine.get_lr()[0],
                                 images_per_s=images_per_s, **self._mfu(images_per_s))
                 paused = False
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                if self.hook_every and self.step % self.hook_every == 0:
                     rng = _get_rng()  # hooks must not change the noise training draws next
                     for hook in self.hooks:
                         hook(self, self.step)

@@ -15,18 +15,19 @@ from torch import nn
 from dpt_scale.errors import UserError
 
 log = logging.getLogger(__name__)
+PRETRAIN_META = "pretrain"  # the entry of a stage-0 backbone file that says how it was made
 
 
 def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: int | None = None,
                      pretrained: str | None = None, frozen_backbone: bool = False, **kwargs) -> nn.Module:
     """`pretrained` is a local file of timm weights for `name` (any head, any input channels: timm
     adapts both). `img_size` goes to the architectures that take one (ViTs); convnets ignore it."""
-    if name not in timm.list_models():
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise UserError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    check_model_name(name)
     if pretrained is not None and not Path(pretrained).is_file():
         raise UserError(f"pretrained weights not found: {pretrained} (a local file; nothing is downloaded)")
     file_keys = _weight_names(pretrained) if pretrained else set()
+    if pretrained:
+        _check_pretrained_as(pretrained, name, kwargs)
     args = dict(pretrained=pretrained is not None, num_classes=num_classes, in_chans=in_chans,
                 pretrained_cfg_overlay=dict(file=str(pretrained)) if pretrained else None, **kwargs)
     try:
@@ -45,6 +46,32 @@ def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: i
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
     return model
+
+
+def check_model_name(name: str) -> None:
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise UserError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def _check_pretrained_as(path: str, name: str, kwargs: dict) -> None:
+    """A stage-0 backbone names the architecture it was trained as: another one is refused."""
+    meta = pretrain_meta(path)
+    if meta is not None and (meta.get("model"), meta.get("kwargs") or {}) != (name, kwargs):
+        made = meta.get("model") + (f" with kwargs {meta['kwargs']}" if meta.get("kwargs") else "")
+        wanted = name + (f" with kwargs {kwargs}" if kwargs else "")
+        raise UserError(f"pretrained weights {path} are a stage-0 backbone of {made}, not {wanted}; set "
+                        "classifier.model.name (and .kwargs) to the backbone's, or pretrain this model")
+
+
+def pretrain_meta(path: str | Path) -> dict | None:
+    """How a stage-0 backbone was made (the "pretrain" entry of its file); None for other weights files."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # another format, or unreadable: the weights loader says what is wrong
+        return None
+    meta = checkpoint.get(PRETRAIN_META) if isinstance(checkpoint, dict) else None
+    return meta if isinstance(meta, dict) else None
 
 
 def _create(name: str, img_size: int | None, args: dict) -> nn.Module:
@@ -165,11 +192,13 @@ def load_classifier(path: str | Path, ema: bool = True, device: str | torch.devi
 
 def normalisation(name: str, pretrained: str | None, in_chans: int, mean: list[float] | None = None,
                   std: list[float] | None = None) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std: as given, else the pretrained weights' own, else 0.5 and 0.5."""
-    cfg = timm.models.get_pretrained_cfg(name) if pretrained else None
+    """Per-channel mean and std: as given, else the pretrained weights' own (those a stage-0
+    backbone learnt with, or timm's for the architecture), else 0.5 and 0.5."""
+    cfg = (pretrain_meta(pretrained) or timm.models.get_pretrained_cfg(name)) if pretrained else None
 
     def per_channel(given, default):
-        values = list(given or (getattr(cfg, default, None) if cfg else None) or [0.5] * in_chans)
+        found = cfg.get(default) if isinstance(cfg, dict) else getattr(cfg, default, None)
+        values = list(given or found or [0.5] * in_chans)
         if len(values) != in_chans and not given:  # e.g. RGB statistics for a grayscale input
             values = [sum(values) / len(values)] * in_chans
         if len(values) != in_chans:

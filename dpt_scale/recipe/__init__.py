@@ -1,4 +1,4 @@
-from dpt_scale.recipe.load import dump_recipe, load_recipe, recipe_dict, save_recipe
+from dpt_scale.recipe.load import dump_recipe, flatten, load_recipe, recipe_dict, save_recipe
 from dpt_scale.recipe.schema import Recipe
 
-__all__ = ["Recipe", "dump_recipe", "load_recipe", "recipe_dict", "save_recipe"]
+__all__ = ["Recipe", "dump_recipe", "flatten", "load_recipe", "recipe_dict", "save_recipe"]

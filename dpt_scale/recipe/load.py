@@ -42,6 +42,17 @@ def recipe_dict(recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested recipe dict as {dotted key: value}; a raw DeepSpeed block stays one value."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "deepspeed":
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def dump_recipe(recipe) -> str:
     return yaml.safe_dump(recipe_dict(recipe), sort_keys=False, default_flow_style=False)
 
