@@ -39,14 +39,17 @@ class Step:
     key: dict  # {"parts_hash", "inputs": {stage: id}} of this recipe
 
 
-def plan(recipe: Recipe, start: str | None = None, only: str | None = None) -> list[Step]:
+def plan(recipe: Recipe, start: str | None = None, only: str | None = None, until: str | None = None) -> list[Step]:
     active = [s for s in STAGES.values() if s.when(recipe)]
     names = [s.name for s in active]
-    for flag, name in (("--from", start), ("--only", only)):
+    for flag, name in (("--from", start), ("--only", only), ("--until", until)):
         if name is not None and name not in names:
             why = "it does not apply to this recipe" if name in STAGES else "no such stage"
             raise UserError(f"{flag} {name}: {why}; stages of this recipe: {', '.join(names)}")
     first = names.index(start) if start else None
+    last = names.index(until) if until else len(names) - 1
+    if first is not None and first > last:
+        raise UserError(f"--from {start} comes after --until {until}; stages of this recipe: {', '.join(names)}")
     markers = {n: read_marker(recipe, n) for n in names}
     steps: dict[str, Step] = {}
     for i, stage in enumerate(active):
@@ -56,7 +59,9 @@ def plan(recipe: Recipe, start: str | None = None, only: str | None = None) -> l
         marker = markers[stage.name]
         # outputs made by hand (no marker) are adopted as they are, so only a redo spreads downstream
         rerun = [u for u in inputs if steps[u].action == "redo"]
-        if (only and stage.name != only) or (first is not None and i < first):
+        if i > last:
+            action, reason = "leave", f"after --until {until}"
+        elif (only and stage.name != only) or (first is not None and i < first):
             action, reason = "leave", "outside " + (f"--only {only}" if only else f"--from {start}")
         elif only or first is not None:
             action, reason = "redo", f"--{'only' if only else 'from'} {only or start}"
@@ -70,6 +75,9 @@ def plan(recipe: Recipe, start: str | None = None, only: str | None = None) -> l
             action, reason = "redo", _what_changed(marker, parts, key)
         steps[stage.name] = Step(stage, action, reason, key)
     _check_left_inputs(recipe, steps, markers)
+    for step in steps.values():  # settings a stage would refuse, refused before anything runs
+        if step.action in RUNS and step.stage.check is not None:
+            step.stage.check(recipe)
     return list(steps.values())
 
 
@@ -103,7 +111,7 @@ def _check_left_inputs(recipe: Recipe, steps: dict[str, Step], markers: dict) ->
 
 
 def run_pipeline(recipe: Recipe, start: str | None = None, only: str | None = None,
-                 dry_run: bool = False) -> Path | list[Step]:
+                 dry_run: bool = False, until: str | None = None) -> Path | list[Step]:
     from dpt_scale.pipeline.report import write_report
 
     rank, world = rank_and_world()
@@ -112,7 +120,7 @@ def run_pipeline(recipe: Recipe, start: str | None = None, only: str | None = No
 
         init_distributed()
     check_out(recipe)
-    steps = plan(recipe, start, only)
+    steps = plan(recipe, start, only, until)
     if rank == 0:
         print(plan_table(steps), flush=True)
     if dry_run:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from dpt_scale.recipe import Recipe
+from dpt_scale.recipe import Recipe, flatten
 
 # fnmatch patterns over dotted recipe keys
 RUNTIME_KEYS = ("data.import_workers", "data.loader.workers", "classifier.pseudo_label.batch",
@@ -29,13 +29,18 @@ STREAM = ("seed", "data.loader.streams", "data.loader.shuffle_buffer", "data.loa
 class Stage:
     name: str  # as on the command line (`dpt-scale NAME RECIPE`, `run --from NAME`)
     target: str  # "module:function", called as function(recipe, *args)
-    parts: tuple[str, ...]  # recipe keys the outputs depend on; "!key" leaves a key out
+    # recipe keys the outputs depend on ("!key" leaves a key out), or a function of the recipe giving them
+    parts: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]
     after: Callable[[Recipe], tuple[str, ...]]  # the stages whose outputs it reads
     outputs: Callable[[Recipe], list[Path]]  # removed before the stage is redone
     args: tuple = ()
     when: Callable[[Recipe], bool] = lambda recipe: True  # noqa: E731
     distributed: bool = True  # False: rank 0 runs it while the other ranks wait
     summary: str = ""
+    check: Callable[[Recipe], None] | None = None  # refuses bad settings before any stage runs
+
+    def parts_for(self, recipe: Recipe) -> tuple[str, ...]:
+        return self.parts(recipe) if callable(self.parts) else self.parts
 
     def run(self, recipe: Recipe):
         module, function = self.target.split(":")
@@ -58,6 +63,47 @@ def _diffusion_inputs(recipe: Recipe) -> tuple[str, ...]:
 def _sample_inputs(recipe: Recipe) -> tuple[str, ...]:
     by_pseudo_labels = recipe.sample.total and recipe.sample.class_distribution == "pseudo_labels"
     return ("train-diffusion",) + (("pseudo-label",) if by_pseudo_labels else ())
+
+
+def _pretrain_parts(recipe: Recipe) -> tuple[str, ...]:
+    """The backbone depends on the run's seed only where pretrain.seed does not fix its own."""
+    own = ("pretrain", "!pretrain.out", "!pretrain.knn", "classifier.model", "!classifier.model.pretrained")
+    return own + STREAM[1:] + (("seed",) if recipe.pretrain.seed is None else ())
+
+
+def _backbone(recipe: Recipe) -> tuple[str, ...]:
+    from dpt_scale.pretrain.backbone import uses_pretrain
+
+    return ("pretrain",) if uses_pretrain(recipe) else ()
+
+
+def _pretrain_outputs(recipe: Recipe) -> list[Path]:
+    """A pretrain folder inside the run is the run's own; one outside (shared by runs, e.g. a study's
+    seeds) is never removed from here: the stage refuses one that holds another backbone."""
+    from dpt_scale.pretrain.backbone import pretrain_dir
+
+    path = pretrain_dir(recipe)
+    return [path] if path.resolve().is_relative_to(Path(recipe.out).resolve()) else []
+
+
+def _generates(recipe: Recipe) -> bool:
+    """Stages 2 and 3 run unless stage 4 takes real images (the self-training control)."""
+    return recipe.classifier.retrain.source == "generated"
+
+
+def _check_pretrain(recipe: Recipe) -> None:
+    from dpt_scale.stages.pretrain import check_pretrain
+
+    check_pretrain(recipe)
+
+
+def _retrain_parts(recipe: Recipe) -> tuple[str, ...]:
+    """The self-training control takes sample.per_class real images per class unless per_class says."""
+    return STREAM + ("classifier", "!classifier.pseudo_label") + (() if _generates(recipe) else ("sample.per_class",))
+
+
+def _retrain_inputs(recipe: Recipe) -> tuple[str, ...]:
+    return ("subset",) + _backbone(recipe) + (("sample",) if _generates(recipe) else ("pseudo-label",))
 
 
 def _in_data_root(*names: str) -> Callable[[Recipe], list[Path]]:
@@ -91,20 +137,22 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           _in_data_root("train", "val"), distributed=False, summary="images into train/val shard sets"),
     Stage("subset", "dpt_scale.pipeline.stages:_subset", ("data.labelled",), lambda r: ("import",),
           _out("labelled.txt"), distributed=False, summary="the labelled keys"),
+    Stage("pretrain", "dpt_scale.stages.pretrain:pretrain", _pretrain_parts, lambda r: ("import",),
+          _pretrain_outputs, when=lambda r: bool(_backbone(r)), check=_check_pretrain,
+          summary="stage 0: a self-supervised backbone"),
     Stage("train-classifier", "dpt_scale.stages.train_classifier:train_classifier", STREAM + CLASSIFIER,
-          lambda r: ("subset",), _out("classifier"), args=("stage1",), summary="stage 1"),
+          lambda r: ("subset",) + _backbone(r), _out("classifier"), args=("stage1",), summary="stage 1"),
     Stage("pseudo-label", "dpt_scale.stages.pseudo_label:pseudo_label", ("classifier.pseudo_label",),
           lambda r: ("train-classifier",), _out("pseudo_labels"), summary="a label for every training image"),
     Stage("encode", "dpt_scale.stages.encode:encode", ("diffusion.latent", "diffusion.flip"),
-          lambda r: ("import",), _in_data_root("latents"), when=_latent,
+          lambda r: ("import",), _in_data_root("latents"), when=lambda r: _latent(r) and _generates(r),
           summary="autoencoder moments (latent recipes)"),
     Stage("train-diffusion", "dpt_scale.stages.train_diffusion:train_diffusion", STREAM + ("diffusion",),
-          _diffusion_inputs, _out("diffusion"), summary="stage 2"),
+          _diffusion_inputs, _out("diffusion"), when=_generates, summary="stage 2"),
     Stage("sample", "dpt_scale.stages.sample:sample", ("seed", "sample"), _sample_inputs, _out("samples"),
-          summary="stage 3"),
-    Stage("retrain", "dpt_scale.stages.train_classifier:train_classifier", STREAM + (
-          "classifier", "!classifier.pseudo_label"), lambda r: ("subset", "sample"), _out("retrain"), args=("retrain",),
-          summary="stage 4"),
+          when=_generates, summary="stage 3"),
+    Stage("retrain", "dpt_scale.stages.train_classifier:train_classifier", _retrain_parts, _retrain_inputs,
+          _out("retrain"), args=("retrain",), summary="stage 4"),
     # The cached reference features in evaluation/cache stay: they depend on the real images only.
     Stage("evaluate", "dpt_scale.stages.evaluate:summary", ("evaluate",),
           lambda r: ("train-classifier", "retrain", "sample"), _out("evaluation/metrics.json"),
@@ -114,9 +162,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 
 def parts_of(recipe: Recipe, stage: Stage) -> dict:
     """The recipe values a stage's outputs depend on, as a flat {dotted key: value}."""
-    flat = _flatten(asdict(recipe))
-    keep = [p for p in stage.parts if not p.startswith("!")]
-    drop = [p[1:] for p in stage.parts if p.startswith("!")]
+    flat = flatten(asdict(recipe))
+    parts = stage.parts_for(recipe)
+    keep = [p for p in parts if not p.startswith("!")]
+    drop = [p[1:] for p in parts if p.startswith("!")]
 
     def under(key: str, prefix: str) -> bool:
         return key == prefix or key.startswith(prefix + ".")
@@ -124,14 +173,3 @@ def parts_of(recipe: Recipe, stage: Stage) -> dict:
     return {k: v for k, v in flat.items()
             if any(under(k, p) for p in keep) and not any(under(k, p) for p in drop)
             and not any(fnmatch(k, pattern) for pattern in RUNTIME_KEYS)}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "deepspeed":  # a raw DeepSpeed block is one value
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-

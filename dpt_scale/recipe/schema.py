@@ -126,7 +126,8 @@ class ClassifierModel:
     """Any timm model by name (`timm.list_models()`)."""
 
     name: str = "resnet10t"
-    pretrained: str | None = None  # a local timm weights file; nothing is downloaded
+    # A local timm weights file (nothing is downloaded), or `pretrain`: the stage-0 backbone of this run.
+    pretrained: str | None = None
     input_size: int | None = field(default=None, metadata={"min": 1})  # resize images to this first
     # Centre crop of this fraction of the side before the resize (timm's crop_pct; 0.875 = the usual
     # 224-of-256 evaluation crop); none: the whole image.
@@ -175,6 +176,13 @@ class PseudoLabel:
 class Retrain:
     """Stage 4: the stage-1 method again, its labelled part joined by pseudo-image shard sets."""
 
+    # generated: the pseudo images of stage 3 (or the sets in `pseudo`). real: the self-training
+    # control, which takes per_class real training images of each pseudo-class instead, most confident
+    # first, with their stage-1 pseudo-labels; stages 2 and 3 then do not run.
+    source: Literal["generated", "real"] = "generated"
+    # Images of each class taken from each set (generated: the first K; real: the K most confident);
+    # default: all a generated set holds, sample.per_class real ones.
+    per_class: int | None = field(default=None, metadata={"min": 1})
     pseudo: list[str] = field(default_factory=list)  # shard sets of pseudo images; default [<out>/samples]
     # Share of each labelled micro-batch that comes from each pseudo set (the rest: real labelled images).
     pseudo_fraction: list[float] = field(default_factory=lambda: [0.5])
@@ -193,6 +201,79 @@ class Classifier:
                                                        betas=[0.9, 0.999], ema_decay=0.999))
     pseudo_label: PseudoLabel = field(default_factory=PseudoLabel)
     retrain: Retrain = field(default_factory=Retrain)
+
+
+@dataclass
+class PretrainAugment:
+    """The views a self-supervised method compares: random affine warps, flips, colour and cutout,
+    drawn per image on the device (pretrain/augment.py)."""
+
+    # Side scale factor, drawn in [min, max]: above 1 zooms in (a crop), below 1 zooms out.
+    zoom: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    rotate: float = field(default=15.0, metadata={"min": 0.0, "max": 180.0})  # degrees, either way
+    translate: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})  # of the side, either way
+    shear: float = field(default=10.0, metadata={"min": 0.0, "max": 45.0})  # degrees, either way
+    flip: bool = False  # horizontal flips (not for digits)
+    color: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # brightness/contrast/saturation jitter
+    grayscale: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # probability (RGB)
+    erase: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # probability of a cutout square
+    erase_size: float = field(default=0.35, metadata={"min": 0.0, "max": 1.0})  # its side, of the image's
+
+
+@dataclass
+class SimCLR:
+    temperature: float = field(default=0.5, metadata={"min": 1e-3})
+    projection: list[int] = field(default_factory=lambda: [256, 128])  # hidden and output widths
+
+
+@dataclass
+class MSN:
+    """Masked Siamese Networks (Assran et al. 2022): masked anchor views matched to an unmasked
+    target view of the EMA encoder (the target network) through learnt prototypes."""
+
+    mask_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.95})  # patch tokens dropped
+    anchors: int = positive(2)  # masked anchor views per image
+    prototypes: int = positive(256)
+    projection: list[int] = field(default_factory=lambda: [512, 128])  # hidden and output widths
+    anchor_temperature: float = field(default=0.1, metadata={"min": 1e-3})
+    target_temperature: float = field(default=0.025, metadata={"min": 1e-3})
+    me_max: float = field(default=1.0, metadata={"min": 0.0})  # weight of mean-entropy maximisation
+
+
+@dataclass
+class RotationEnhance:
+    # Image-enhancement classes a second head predicts, besides the rotation (pretrain/enhance.py).
+    enhancements: list[str] = field(default_factory=lambda: ["none", "blur", "sharpen", "solarize", "posterize"])
+
+
+@dataclass
+class KNNProbe:
+    """Evaluation only: leave-one-out k-NN top-1 of the EMA backbone's features on the validation
+    shards (their labels never reach training), every `every` steps and at the end."""
+
+    every: int = field(default=0, metadata={"min": 0})  # 0: at the end only
+    k: int = positive(20)
+    samples: int = positive(2000)  # the first N validation images
+
+
+@dataclass
+class Pretrain:
+    """Stage 0: a self-supervised backbone (`classifier.model`) from the training shards; no label is
+    read. It runs when classifier.model.pretrained is `pretrain`, which then names its output."""
+
+    method: str = "simclr"  # a name of dpt_scale.pretrain.METHODS
+    seed: int | None = None  # default: the recipe's; fixed, one backbone serves a study's every seed
+    # Where stage 0 writes; default <out>/pretrain. A folder outside the run is shared between runs:
+    # reused when it holds this backbone, refused when it holds another.
+    out: str | None = None
+    augment: PretrainAugment = field(default_factory=PretrainAugment)
+    simclr: SimCLR = field(default_factory=SimCLR)
+    msn: MSN = field(default_factory=MSN)
+    rotation_enhance: RotationEnhance = field(default_factory=RotationEnhance)
+    knn: KNNProbe = field(default_factory=KNNProbe)
+    # micro_batch counts images; a method may look at several views of each.
+    train: Train = field(default_factory=lambda: Train(micro_batch=256, lr=2e-3, weight_decay=1e-4,
+                                                       betas=[0.9, 0.999], ema_decay=0.99))
 
 
 @dataclass
@@ -219,18 +300,44 @@ class Sample:
 
 
 @dataclass
+class TrainedEvaluator:
+    """`dpt-scale make-evaluator`: an evaluation-only classifier on every true label of
+    <data.root>/train, for data sets no shipped evaluator knows. Never used in training."""
+
+    weights: str | None = None  # default <data.root>/evaluator.pt
+    model: str = "test_resnet"  # any timm model
+    steps: int = positive(2000)
+    micro_batch: int = positive(128)
+    lr: float = field(default=3e-3, metadata={"min": 0.0})
+    augment: Augment = field(default_factory=lambda: Augment(translate=0.1))  # the weak view only
+
+
+@dataclass
 class Evaluate:
     """Generation metrics (FID, KID, precision/recall, conditional accuracy) of <out>/samples."""
 
     # Feature extractor: `inception` (ImageNet practice; needs `inception_weights`, a local file of
-    # torch-fidelity's pt_inception-2015-12-05 weights) or `mnist` (an evaluation-only classifier
-    # shipped with the package, trained on all labels of the embedded set). auto: mnist for the
-    # embedded set, inception otherwise.
-    evaluator: Literal["auto", "mnist", "inception"] = "auto"
+    # torch-fidelity's pt_inception-2015-12-05 weights), `mnist` (an evaluation-only classifier
+    # shipped with the package, trained on all labels of the embedded set) or `trained` (one that
+    # `dpt-scale make-evaluator` trained on this data set's true labels). auto: mnist for the
+    # embedded set, else a trained evaluator made for this training set, else inception.
+    evaluator: Literal["auto", "mnist", "inception", "trained"] = "auto"
     inception_weights: str | None = None
+    trained: TrainedEvaluator = field(default_factory=TrainedEvaluator)
     reference: str | None = None  # the real shard set to compare with; default <data root>/val
     kid_subset_size: int = positive(1000)
     batch: int = positive(256)
+
+
+@dataclass
+class Study:
+    """`dpt-scale study`: the pipeline over several seeds, beside the controls that could explain
+    its result away (dpt_scale/pipeline/study.py has each arm's settings)."""
+
+    arms: list[str] = field(default_factory=lambda: ["dpt", "self_training", "supervised", "oracle"])
+    # Recipe keys the `supervised` arm sets on top (it trains classifier.model from scratch on the
+    # labelled images alone, so it may want other classifier.train settings than a linear probe).
+    supervised: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -239,10 +346,12 @@ class Recipe:
     out: str = "runs/dpt"  # every output of the run lives under this directory
     seed: int = 0
     data: Data = field(default_factory=Data)
+    pretrain: Pretrain = field(default_factory=Pretrain)
     classifier: Classifier = field(default_factory=Classifier)
     diffusion: Diffusion = field(default_factory=Diffusion)
     sample: Sample = field(default_factory=Sample)
     evaluate: Evaluate = field(default_factory=Evaluate)
+    study: Study = field(default_factory=Study)
 
     @property
     def data_root(self) -> str:

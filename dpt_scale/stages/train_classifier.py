@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -23,9 +24,11 @@ from dpt_scale.classification.mixture import BankSource, Mixture, ShardSource
 from dpt_scale.data.augment import weak, weak_and_strong
 from dpt_scale.data.importer import check_settings
 from dpt_scale.data.labelled import LabelledBank
-from dpt_scale.data.subset import make_subset, subset_path
+from dpt_scale.data.subset import make_subset, read_labels, subset_path
+from dpt_scale.distributed import init_distributed, rank_and_world
 from dpt_scale.errors import UserError
 from dpt_scale.models.classifier import ImageClassifier, load_classifier, normalisation
+from dpt_scale.pretrain.backbone import pretrained_file
 from dpt_scale.recipe import Recipe, save_recipe
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
@@ -37,6 +40,7 @@ STAGE_DIRS = {"stage1": "classifier", "retrain": "retrain"}
 def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
     from dpt_scale.engine.trainer import Trainer
 
+    init_distributed()  # stage 4 may write a set on rank 0 while the others wait
     cfg, out = recipe.classifier, Path(recipe.out) / STAGE_DIRS[stage]
     method = METHODS[cfg.method](cfg)
     train_cfg = (cfg.retrain.train or cfg.train) if stage == "retrain" else cfg.train
@@ -53,15 +57,16 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
     if not recipe.data.labelled.list and len(bank) != recipe.data.labelled.per_class * manifest.num_classes:
         log.warning(f"{subset} holds {len(bank)} keys, not data.labelled.per_class x {manifest.num_classes} "
                     "classes: it was drawn with other settings (delete it to draw again)")
-    pseudo = _pseudo_sets(recipe, manifest, size) if stage == "retrain" else []
+    pseudo = _pseudo_sets(recipe, manifest, size, bank.keys, out) if stage == "retrain" else []
+    pretrained = pretrained_file(recipe)
 
-    mean, std = normalisation(cfg.model.name, cfg.model.pretrained, channels, cfg.model.mean, cfg.model.std)
+    mean, std = normalisation(cfg.model.name, pretrained, channels, cfg.model.mean, cfg.model.std)
     settings = dict(name=cfg.model.name, num_classes=manifest.num_classes, in_chans=channels, img_size=size,
                     mean=mean, std=std, frozen_backbone=method.frozen_backbone, input_size=cfg.model.input_size,
                     crop_pct=cfg.model.crop_pct, model_kwargs=cfg.model.kwargs)
-    build = lambda: ImageClassifier(**settings, pretrained=cfg.model.pretrained)  # noqa: E731
+    build = lambda: ImageClassifier(**settings, pretrained=pretrained)  # noqa: E731
     if method.frozen_backbone:  # linear probe: from here on, features stand in for images
-        bank, pseudo = _features(recipe, build, bank, pseudo, out)
+        bank, pseudo = _features(recipe, build, pretrained, bank, pseudo, out)
         feature_mean = bank.images.mean(0)  # centring, from the labelled features
 
         def model_fn():
@@ -107,15 +112,17 @@ def evaluate(recipe: Recipe, weights: Path, out: Path, device, title: str) -> di
     return report
 
 
-def _features(recipe: Recipe, build, bank: LabelledBank, pseudo: list, out: Path) -> tuple[LabelledBank, list]:
+def _features(recipe: Recipe, build, pretrained: str, bank: LabelledBank, pseudo: list,
+              out: Path) -> tuple[LabelledBank, list]:
     """Backbone features of the labelled images and of each pseudo set (stored under out/features)."""
     from dpt_scale.classification.features import labelled_features, shard_set_features
-    from dpt_scale.distributed import init_distributed
+    from dpt_scale.engine.export import weights_identity
 
     _, _, device = init_distributed()
     model = build().to(device).eval()
     cfg = recipe.classifier
-    backbone = f"{cfg.model.name}:{cfg.model.pretrained}:{cfg.model.input_size}"
+    # the weights' checksum too: a backbone retrained at the same path must not reuse old features
+    backbone = f"{cfg.model.name}:{pretrained}:{weights_identity(pretrained)}:{cfg.model.input_size}"
     backbone += f":crop {cfg.model.crop_pct}" if cfg.model.crop_pct else ""
     backbone += f":{cfg.model.kwargs}" if cfg.model.kwargs else ""
     bank = labelled_features(model, bank, out / "features" / "labelled", cfg.pseudo_label.batch, backbone)
@@ -125,12 +132,22 @@ def _features(recipe: Recipe, build, bank: LabelledBank, pseudo: list, out: Path
     return bank, pseudo
 
 
-def _pseudo_sets(recipe: Recipe, manifest: Manifest, size: int) -> list[tuple[Path, float]]:
+def _pseudo_sets(recipe: Recipe, manifest: Manifest, size: int, labelled: list[str],
+                 out: Path) -> list[tuple[Path, float]]:
+    """The shard sets stage 4 adds to the labelled images, with their shares of a micro-batch:
+    the generated sets (their first per_class images of each class where that is set), or for the
+    self-training control the most confident real images of each pseudo-class."""
     cfg = recipe.classifier.retrain
-    paths = [Path(p) for p in cfg.pseudo] or [Path(recipe.out) / "samples"]
-    if not cfg.pseudo and not (paths[0] / "manifest.json").is_file():
-        raise UserError(f"no pseudo images at {paths[0]}: run `dpt-scale sample` (stage 3) first, or name "
-                        "pseudo-image shard sets in classifier.retrain.pseudo")
+    if cfg.source == "real":
+        if cfg.pseudo:
+            raise UserError("classifier.retrain.source real takes real training images: leave "
+                            "classifier.retrain.pseudo empty, or set classifier.retrain.source=generated")
+        paths = [_self_training_set(recipe, labelled, out)]
+    else:
+        paths = [Path(p) for p in cfg.pseudo] or [Path(recipe.out) / "samples"]
+        if not cfg.pseudo and not (paths[0] / "manifest.json").is_file():
+            raise UserError(f"no pseudo images at {paths[0]}: run `dpt-scale sample` (stage 3) first, or name "
+                            "pseudo-image shard sets in classifier.retrain.pseudo")
     if len(cfg.pseudo_fraction) != len(paths):
         raise UserError(f"classifier.retrain.pseudo_fraction has {len(cfg.pseudo_fraction)} value(s) for "
                         f"{len(paths)} pseudo shard set(s); give one per set")
@@ -151,7 +168,56 @@ def _pseudo_sets(recipe: Recipe, manifest: Manifest, size: int) -> list[tuple[Pa
         if other.square_size(path, "retraining") != size or other.image["channels"] != manifest.image["channels"]:
             raise UserError(f"{path}: images are {other.image['channels']}x{other.image['size']}, the training "
                             f"set's {manifest.image['channels']}x{manifest.image['size']}")
+    if cfg.source == "generated" and cfg.per_class:
+        paths = [_first_per_class(path, cfg.per_class, out / "pseudo" / f"set{k}") for k, path in enumerate(paths)]
     return list(zip(paths, cfg.pseudo_fraction))
+
+
+def _first_per_class(source: Path, k: int, copy: Path) -> Path:
+    from dpt_scale.classification.selection import copy_chosen, first_per_class
+
+    meta = {"chosen": "first per class", "per_class": k, "source": Manifest.load(source).identity()}
+    return _made_once(copy, meta, lambda: copy_chosen(source, copy, first_per_class(source, k), meta))
+
+
+def _self_training_set(recipe: Recipe, labelled: list[str], out: Path) -> Path:
+    """The self-training control's images: per_class (default sample.per_class) real training
+    images of each pseudo-class, most confident first, labelled with their pseudo-labels."""
+    from dpt_scale.classification.selection import copy_chosen, most_confident_per_class
+
+    k = recipe.classifier.retrain.per_class or recipe.sample.per_class
+    pseudo_labels = Path(recipe.out) / "pseudo_labels"
+    copy = out / "self_training"
+    identity = json.loads((pseudo_labels / "manifest.json").read_text())["classifier"] \
+        if (pseudo_labels / "manifest.json").is_file() else None
+    meta = {"chosen": "most confident per pseudo-class", "per_class": k, "pseudo_labels": identity}
+
+    def make():
+        chosen = most_confident_per_class(pseudo_labels, k, set(labelled))
+        made = copy_chosen(Path(recipe.data_root) / "train", copy, chosen, meta)
+        truth = read_labels(Path(recipe.data_root) / "train")  # evaluation only: how right the chosen labels are
+        right = sum(truth.get(key) == label for key, label in chosen.items())
+        log.info(f"self-training: {len(chosen)} real images, {k} per pseudo-class at most; their pseudo-labels "
+                 f"agree with the hidden true labels on {right / max(len(chosen), 1):.4f} (evaluation only)")
+        (copy / "agreement.json").write_text(json.dumps({"images": len(chosen),
+                                                         "agreement": right / max(len(chosen), 1)}))
+        return made
+
+    return _made_once(copy, meta, make)
+
+
+def _made_once(directory: Path, meta: dict, make) -> Path:
+    """Rank 0 makes a set (unless a finished one with the same settings is there); all ranks wait."""
+    from dpt_scale.classification.selection import is_complete
+
+    rank, world = rank_and_world()
+    if rank == 0 and not is_complete(directory, meta):
+        if directory.exists():
+            shutil.rmtree(directory)
+        make()
+    if world > 1:
+        dist.barrier()
+    return directory
 
 
 def _mixture(recipe: Recipe, micro: int, method, bank: LabelledBank, pseudo: list[tuple], rank: int,
