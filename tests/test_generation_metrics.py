@@ -33,9 +33,11 @@ def encode(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_set(directory, items, classes=None, per_shard=100):
-    """items: (key, HxW or HxWx3 uint8 array, cls)."""
-    with ShardSetWriter(directory, classes=classes or [str(c) for c in range(10)], max_samples=per_shard) as writer:
+def write_set(directory, items, classes=None, per_shard=100, source="mnist"):
+    """items: (key, HxW or HxWx3 uint8 array, cls). Their images come from the embedded MNIST (or are
+    RGB noise), and the set's provenance says so, as an imported set's does: `auto` reads it."""
+    with ShardSetWriter(directory, classes=classes or [str(c) for c in range(10)], max_samples=per_shard,
+                        meta={"source": source}) as writer:
         for key, array, label in items:
             shape = (1, *array.shape) if array.ndim == 2 else (array.shape[2], *array.shape[:2])
             writer.write({"__key__": key, "png": encode(array), "cls": label}, shape)

@@ -16,6 +16,7 @@ generated for (`cls`), where the evaluator has a head over the data set's classe
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,8 +30,9 @@ import torch.distributed as dist
 from dpt_scale.classification.inference import map_shards
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError
-from dpt_scale.metrics.evaluators import Evaluator, build_evaluator
+from dpt_scale.metrics.evaluators import Evaluator, build_evaluator, trained_evaluator_path
 from dpt_scale.recipe import Recipe
+from dpt_scale.recipe.schema import Evaluate
 from dpt_scale.shards.manifest import MANIFEST, Manifest
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,8 @@ def reference_features(evaluator: Evaluator, directory: Path, manifest: Manifest
                                      "shards": [s.sha256 for s in manifest.shards]}).encode()).hexdigest()
     path = cache / f"reference-{evaluator.name}-{key[:20]}.pt"
     entry = _load_cache(path, key) if rank == 0 else None
+    if entry is not None and "labels" not in entry:  # cached before labels were kept: extract again
+        entry = None
     if _from_rank0(entry is not None):  # rank 0 decides, so that all ranks extract or none does
         log.info(f"reference features of {directory} from {path}")
         return entry
@@ -98,8 +102,8 @@ def reference_features(evaluator: Evaluator, directory: Path, manifest: Manifest
     if found is None:
         return None
     stats = fid_features_to_statistics(found.features)
-    entry = {"key": key, "reference": str(directory), "evaluator": evaluator.identity,
-             "features": found.features, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"])}
+    entry = {"key": key, "reference": str(directory), "evaluator": evaluator.identity, "features": found.features,
+             "labels": found.labels, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"])}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(entry, tmp)
@@ -137,6 +141,32 @@ def compare(generated: SetFeatures, reference: dict, kid_subset_size: int) -> di
             "kid_subset_size": subset, "precision": prc[KEY_METRIC_PRECISION], "recall": prc[KEY_METRIC_RECALL]}
 
 
+def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Per class, the mean squared distance of its features to their centroid (the trace of the
+    class covariance): how varied a class's images are, as the evaluator sees them."""
+    spread = {}
+    for c in labels.unique().tolist():
+        if c < 0:
+            continue
+        group = features[labels == c].double()
+        if len(group) > 1:
+            spread[c] = float((group - group.mean(0)).pow(2).sum(1).mean())
+    return spread
+
+
+def diversity(generated: SetFeatures, reference: dict) -> dict:
+    """Within-class spread of the generated images against that of the real ones, class by class
+    (mean of the ratios): strongly guided samples can all be near-copies of one prototype per
+    class, which recall over all classes can hide and which teaches a classifier little."""
+    fake = within_class_spread(generated.features, generated.labels)
+    real = within_class_spread(reference["features"], reference["labels"])
+    both = [c for c in fake if c in real and real[c] > 0]
+    if not both:
+        return {"spread_ratio": None}
+    ratios = [fake[c] / real[c] for c in both]
+    return {"spread_ratio": sum(ratios) / len(ratios), "spread_ratio_min": min(ratios), "spread_classes": len(both)}
+
+
 def conditional_accuracy(generated: SetFeatures, evaluator: Evaluator, manifest: Manifest, path: Path) -> float | None:
     """Share of generated images the evaluator assigns to the class they were generated for."""
     if generated.logits is None:
@@ -167,7 +197,7 @@ def _shard_set(path: Path, what: str, fix: str) -> Manifest:
 
 def reference_for(recipe: Recipe, device: torch.device) -> tuple[Evaluator, dict | None]:
     """The recipe's evaluator and its reference features (on rank 0; None elsewhere). Every rank calls it."""
-    cfg = recipe.evaluate
+    cfg = resolved(recipe)
     reference = Path(cfg.reference or Path(recipe.data_root) / "val")
     manifest = _shard_set(reference, "reference shard set",
                           "run `dpt-scale data import`, or set evaluate.reference to a shard set")
@@ -177,6 +207,17 @@ def reference_for(recipe: Recipe, device: torch.device) -> tuple[Evaluator, dict
     cache = Path(recipe.out) / "evaluation" / "cache"
     workers = recipe.classifier.pseudo_label.workers
     return evaluator, reference_features(evaluator, reference, manifest, cache, cfg.batch, device, workers)
+
+
+def resolved(recipe: Recipe) -> Evaluate:
+    """The evaluate section with the trained evaluator's default path filled in (named by the
+    training set's checksum; see evaluators.trained_evaluator_path)."""
+    cfg = recipe.evaluate
+    if cfg.trained.weights is not None:
+        return cfg
+    train = Path(recipe.data_root) / "train"
+    weights = trained_evaluator_path(recipe.data_root, Manifest.load(train)) if (train / MANIFEST).is_file() else None
+    return dataclasses.replace(cfg, trained=dataclasses.replace(cfg.trained, weights=weights and str(weights)))
 
 
 def image_metrics(evaluator: Evaluator, reference: dict, images: torch.Tensor, labels: torch.Tensor,
@@ -189,7 +230,8 @@ def image_metrics(evaluator: Evaluator, reference: dict, images: torch.Tensor, l
     accuracy = None
     if logits is not None and evaluator.classes == classes:
         accuracy = (logits.argmax(1) == fake.labels).float().mean().item()
-    return {**compare(fake, reference, kid_subset_size), "conditional_accuracy": accuracy, "samples": len(images)}
+    return {**compare(fake, reference, kid_subset_size), **diversity(fake, reference), "conditional_accuracy": accuracy,
+            "samples": len(images), "evaluator": evaluator.name}
 
 
 def generation_metrics(recipe: Recipe, generated: Path | None = None,
@@ -207,10 +249,13 @@ def generation_metrics(recipe: Recipe, generated: Path | None = None,
     fake = set_features(evaluator, generated, cfg.batch, device, workers)
     result = None
     if fake is not None:  # rank 0
-        result = {**compare(fake, real, cfg.kid_subset_size),
+        result = {**compare(fake, real, cfg.kid_subset_size), **diversity(fake, real),
                   "conditional_accuracy": conditional_accuracy(fake, evaluator, gen_manifest, generated),
+                  "evaluator_top1": evaluator.ceiling,
                   "samples": len(fake.features), "reference_samples": len(real["features"]),
-                  "evaluator": evaluator.name, "generated": str(generated), "reference": str(reference)}
+                  "evaluator": evaluator.name, "generated": str(generated), "reference": str(reference),
+                  "sampled_with": {k: v for k, v in gen_manifest.meta.get("generated", {}).items()
+                                   if k in ("solver", "steps", "guidance")}}
         accuracy = result["conditional_accuracy"]
         log.info(f"generation ({evaluator.name} features, {result['samples']} samples vs "
                  f"{result['reference_samples']}): FID {result['fid']:.3f}, KID {result['kid_mean']:.5f}, precision {result['precision']:.3f}, "

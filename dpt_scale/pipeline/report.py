@@ -14,12 +14,15 @@ from pathlib import Path
 
 from dpt_scale.pipeline.markers import read_marker
 from dpt_scale.pipeline.stages import STAGES
+from dpt_scale.pretrain.backbone import pretrain_dir, uses_pretrain
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest, write_json
 
 log = logging.getLogger(__name__)
 GRID_ROWS = 16  # classes shown one row each in the pseudo-image grid
 TRAINED = {"train-classifier": "classifier", "train-diffusion": "diffusion", "retrain": "retrain"}
+EVALUATED = ("fid", "kid_mean", "precision", "recall", "spread_ratio", "conditional_accuracy", "evaluator",
+             "evaluator_top1", "samples", "sampled_with")
 
 
 def _json(path: Path) -> dict | None:
@@ -50,6 +53,9 @@ def results(recipe: Recipe) -> dict[str, dict]:
     if (out / "labelled.txt").is_file():
         keys = [k for k in (out / "labelled.txt").read_text().splitlines() if k and not k.startswith("#")]
         found["subset"] = {"labelled_images": len(keys)}
+    knn = _jsonl(pretrain_dir(recipe) / "knn.jsonl") if uses_pretrain(recipe) else []
+    if knn:
+        found["pretrain"] = {"knn_top1": knn[-1]["knn_top1"], "steps": knn[-1]["step"]}
     for stage, sub in (("train-classifier", "classifier"), ("retrain", "retrain")):
         scores = _json(out / sub / "eval.json")
         if scores:
@@ -61,15 +67,16 @@ def results(recipe: Recipe) -> dict[str, dict]:
     fid = _jsonl(out / "diffusion" / "fid.jsonl")
     losses = _jsonl(out / "diffusion" / "metrics.jsonl")
     if losses:
-        found["train-diffusion"] = {"steps": losses[-1]["step"], "final_loss": losses[-1]["loss"],
-                                    **({"in_training_fid": fid[-1]["fid"]} if fid else {})}
+        found["train-diffusion"] = {"steps": losses[-1]["step"], "final_loss": losses[-1]["loss"]}
+        if fid:  # unguided EMA samples, fewer than the final evaluation's: a trend, not the result
+            found["train-diffusion"].update({f"in_training_fid ({fid[-1]['samples']} unguided)": fid[-1]["fid"],
+                                             "in_training_evaluator": fid[-1].get("evaluator")})
     images = _count(out / "samples")
     if images is not None:
         found["sample"] = {"images": images}
     generation = (_json(out / "evaluation" / "metrics.json") or {}).get("generation")
     if generation:
-        found["evaluate"] = {k: generation[k] for k in ("fid", "kid_mean", "precision", "recall",
-                                                         "conditional_accuracy", "evaluator")}
+        found["evaluate"] = {k: generation.get(k) for k in EVALUATED}
     return found
 
 
@@ -77,7 +84,7 @@ def headline(found: dict) -> dict:
     get = lambda stage, key: found.get(stage, {}).get(key)  # noqa: E731
     head = {"stage1_top1": get("train-classifier", "top1"), "stage4_top1": get("retrain", "top1"),
             "fid": get("evaluate", "fid"), "conditional_accuracy": get("evaluate", "conditional_accuracy"),
-            "pseudo_label_agreement": get("pseudo-label", "agreement")}
+            "pseudo_label_agreement": get("pseudo-label", "agreement"), "backbone_knn_top1": get("pretrain", "knn_top1")}
     if head["stage1_top1"] is not None and head["stage4_top1"] is not None:
         head["stage4_gain"] = head["stage4_top1"] - head["stage1_top1"]
     return head
@@ -97,7 +104,8 @@ def write_report(recipe: Recipe) -> Path:
                        "wall_s": (marker or {}).get("wall_s"), "results": found.get(name, {})})
     images = _figures(recipe, figures)
     report = {"recipe": recipe.name, "out": str(out), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "headline": headline(found), "stages": stages, "figures": images}
+              "headline": headline(found), "evaluated_with": _evaluated_with(found.get("evaluate", {})),
+              "stages": stages, "figures": images}
     write_json(out / "report.json", report, indent=1)
     (out / "report.md").write_text(_markdown(report))
     log.info(f"report: {out / 'report.md'}")
@@ -107,9 +115,13 @@ def write_report(recipe: Recipe) -> Path:
 def _figures(recipe: Recipe, figures: Path) -> list[str]:
     out, made = Path(recipe.out), []
     curves = {stage: _jsonl(out / sub / "metrics.jsonl") for stage, sub in TRAINED.items()}
-    fid = _jsonl(out / "diffusion" / "fid.jsonl")
+    if uses_pretrain(recipe):
+        curves = {"pretrain": _jsonl(pretrain_dir(recipe) / "metrics.jsonl"), **curves}
+    probes = {"backbone k-NN top-1 (validation)": ("knn_top1", _jsonl(pretrain_dir(recipe) / "knn.jsonl")
+                                                  if uses_pretrain(recipe) else []),
+              "in-training FID (unguided EMA samples)": ("fid", _jsonl(out / "diffusion" / "fid.jsonl"))}
     if any(curves.values()):
-        _plot_losses(curves, fid, figures / "losses.png")
+        _plot_losses(curves, probes, figures / "losses.png")
         made.append("report/losses.png")
     grids = sorted((out / "diffusion" / "samples").glob("step-*.png"))
     if grids:  # the last in-training grid: one row per class, EMA model
@@ -130,16 +142,16 @@ def _figures(recipe: Recipe, figures: Path) -> list[str]:
     return made
 
 
-def _plot_losses(curves: dict[str, list[dict]], fid: list[dict], path: Path) -> None:
+def _plot_losses(curves: dict[str, list[dict]], probes: dict[str, tuple[str, list[dict]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(stage, rows) for stage, rows in curves.items() if rows] + ([("in-training FID", fid)] if fid else [])
+    panels = [(stage, "loss", rows) for stage, rows in curves.items() if rows]
+    panels += [(title, key, rows) for title, (key, rows) in probes.items() if rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], panels):
-        key = "fid" if title == "in-training FID" else "loss"
+    for ax, (title, key, rows) in zip(axes[0], panels):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="." if len(rows) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -148,6 +160,19 @@ def _plot_losses(curves: dict[str, list[dict]], fid: list[dict], path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _evaluated_with(generation: dict) -> str:
+    """How the final generation figures were made: the evaluator (and its own top-1 on real images,
+    the ceiling of a conditional accuracy) and the samples."""
+    if not generation:
+        return "-"
+    ceiling = generation.get("evaluator_top1")
+    how = generation.get("sampled_with") or {}
+    return ", ".join([f"{generation.get('evaluator')} evaluator" + (f" ({100 * ceiling:.1f}% on real images)"
+                                                                     if ceiling else ""),
+                      f"{generation.get('samples')} samples"] +
+                     ([f"{how.get('solver')} {how.get('steps')} steps, guidance {how.get('guidance')}"] if how else []))
 
 
 def _fmt(value) -> str:
@@ -161,16 +186,20 @@ def _markdown(report: dict) -> str:
     lines = [f"# DPT run report: {report['recipe']}", "", f"Outputs under `{report['out']}`, written "
              f"{report['written']}.", "", "| | |", "|---|---|"]
     names = {"stage1_top1": "stage-1 top-1", "stage4_top1": "stage-4 top-1", "stage4_gain": "stage 4 - stage 1",
-             "fid": "FID of the pseudo images", "conditional_accuracy": "conditional accuracy",
-             "pseudo_label_agreement": "pseudo-label agreement with true labels"}
-    lines += [f"| {names[k]} | {_fmt(v)} |" for k, v in head.items()]
+             "fid": "FID of the pseudo images", "conditional_accuracy": "conditional accuracy of the pseudo images",
+             "pseudo_label_agreement": "pseudo-label agreement with true labels",
+             "backbone_knn_top1": "stage-0 backbone: k-NN top-1 on validation images"}
+    lines += [f"| {names[k]} | {_fmt(v)} |" for k, v in head.items() if v is not None or k in ("stage1_top1",)]
+    if head.get("fid") is not None:
+        lines += ["", f"Pseudo-image figures: {report['evaluated_with']}."]
     if "stage4_gain" in head:
         verdict = "beats" if head["stage4_gain"] > 0 else "does not beat"
-        lines += ["", f"Stage 4 {verdict} stage 1 ({_fmt(head['stage4_top1'])} vs {_fmt(head['stage1_top1'])})."]
+        lines += ["", f"Stage 4 {verdict} stage 1 ({_fmt(head['stage4_top1'])} vs {_fmt(head['stage1_top1'])}) on this "
+                  "one seed; `dpt-scale study` runs several, with controls, and gives the spread."]
     lines += ["", "## Stages", "", "| stage | what | state | wall time | results |", "|---|---|---|---|---|"]
     for s in report["stages"]:
         wall = "-" if s["wall_s"] is None else f"{s['wall_s']:.0f} s"
-        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items())
+        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items() if v is not None and not isinstance(v, dict))
         lines.append(f"| {s['stage']} | {s['summary']} | {s['state']} | {wall} | {figures or '-'} |")
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ and atomically, so a directory with a manifest holds a complete set.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -78,6 +79,10 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def identity(self) -> str:
+        """A short checksum of the set's content (its shards' checksums, in order)."""
+        return hashlib.sha256("".join(s.sha256 for s in self.shards).encode()).hexdigest()[:16]
 
     def save(self, directory: str | os.PathLike) -> Path:
         return write_json(Path(directory) / MANIFEST, dataclasses.asdict(self), indent=1)
