@@ -57,7 +57,8 @@ def throughput(recipe, steps: int, repeats: int) -> dict:
     ld = recipe.data.loader
     batch = cfg.train.micro_batch
     # the timed window is the second half: the first steps warm the loader's workers and allocator up
-    train = dataclasses.replace(cfg.train, steps=steps, log_every=steps // 2, checkpoint_every=10**9, precision="fp32")
+    train = dataclasses.replace(cfg.train, steps=steps, log_every=steps // 2, checkpoint_every=10**9, precision="fp32",
+                                warmup_steps=0, lr_schedule="constant")
 
     def loader(workers: int) -> ShardLoader:
         return ShardLoader(train_dir, batch, seed=0, workers=workers, streams=ld.streams,

@@ -33,7 +33,8 @@ def write_recipe(tmp_path, name="r.yaml", method="simclr", model=None, **pretrai
             "pretrain": {"method": method, "knn": {"every": 3, "k": 5}, "train": {**train, **pretrain.pop("train", {})},
                          "msn": {"prototypes": 16, "projection": [32, 16]}, "simclr": {"projection": [32, 16]},
                          **pretrain},
-            "classifier": {"method": "linear_probe", "model": {"pretrained": "pretrain", **(model or {"name": "test_resnet"})},
+            "classifier": {"method": "linear_probe",
+                           "model": {"pretrained": "pretrain", **(model or {"name": "test_resnet"})},
                            "pseudo_label": {"batch": 16, "workers": 0},
                            "train": {"steps": 4, "micro_batch": 4, "checkpoint_every": 4, "log_every": 1,
                                      "zero_stage": 0, "lr": 0.05, "weight_decay": 0.0}}}

@@ -70,8 +70,8 @@ def test_stage4_takes_exactly_k_pseudo_images_per_class(probe_run, tmp_path):
     features = Manifest.load(out / "retrain" / "features" / "pseudo0")
     assert features.num_samples == 40 and features.class_histogram == [4] * 10
     # more than the set holds is one line
-    assert_one_line_error(run_cli("-q", "retrain", SMOKE, "--set", f"out={out}", "--set", "classifier.retrain.per_class=11"),
-                          "fewer than classifier.retrain.per_class 11")
+    too_many = run_cli("-q", "retrain", SMOKE, "--set", f"out={out}", "--set", "classifier.retrain.per_class=11")
+    assert_one_line_error(too_many, "fewer than classifier.retrain.per_class 11")
 
 
 def test_the_self_training_control_takes_the_most_confident_real_images(probe_run, tmp_path):

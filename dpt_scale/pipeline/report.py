@@ -84,7 +84,8 @@ def headline(found: dict) -> dict:
     get = lambda stage, key: found.get(stage, {}).get(key)  # noqa: E731
     head = {"stage1_top1": get("train-classifier", "top1"), "stage4_top1": get("retrain", "top1"),
             "fid": get("evaluate", "fid"), "conditional_accuracy": get("evaluate", "conditional_accuracy"),
-            "pseudo_label_agreement": get("pseudo-label", "agreement"), "backbone_knn_top1": get("pretrain", "knn_top1")}
+            "pseudo_label_agreement": get("pseudo-label", "agreement"),
+            "backbone_knn_top1": get("pretrain", "knn_top1")}
     if head["stage1_top1"] is not None and head["stage4_top1"] is not None:
         head["stage4_gain"] = head["stage4_top1"] - head["stage1_top1"]
     return head
@@ -199,7 +200,8 @@ def _markdown(report: dict) -> str:
     lines += ["", "## Stages", "", "| stage | what | state | wall time | results |", "|---|---|---|---|---|"]
     for s in report["stages"]:
         wall = "-" if s["wall_s"] is None else f"{s['wall_s']:.0f} s"
-        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items() if v is not None and not isinstance(v, dict))
+        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items()
+                            if v is not None and not isinstance(v, dict))
         lines.append(f"| {s['stage']} | {s['summary']} | {s['state']} | {wall} | {figures or '-'} |")
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"

@@ -34,7 +34,8 @@ FIGURES = [
 DIFFERENCES = [
     ("dpt_minus_stage1", "dpt_top1", "stage1_top1", "DPT stage 4 - stage 1"),
     ("self_training_minus_stage1", "self_training_top1", "stage1_top1", "self-training stage 4 - stage 1"),
-    ("dpt_minus_self_training", "dpt_top1", "self_training_top1", "DPT - self-training (what the diffusion model adds)"),
+    ("dpt_minus_self_training", "dpt_top1", "self_training_top1",
+     "DPT - self-training (what the diffusion model adds)"),
     ("oracle_minus_dpt", "oracle_top1", "dpt_top1", "oracle - DPT (cost of stage-2 pseudo-labels)"),
     ("stage1_minus_supervised", "stage1_top1", "supervised_top1", "stage 1 - supervised"),
 ]
@@ -168,13 +169,11 @@ def _plot(found: dict, seeds: list[int], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     for i, (name, _) in enumerate(bars):
-        values = [per_seed[s][name] for s in seeds]
-        ax.scatter([i] * len(values), [100 * v if v is not None else float("nan") for v in values], color="C0", zorder=3)
+        ax.scatter([i] * len(seeds), _percent([per_seed[s][name] for s in seeds]), color="C0", zorder=3)
         ax.errorbar([i + 0.15], [100 * summary[name]["mean"]], yerr=[100 * (summary[name]["std"] or 0)], fmt="s",
                     color="C3", capsize=4)
     for s in seeds:  # each seed's arms joined: the comparison is paired
-        ax.plot(range(len(bars)), [100 * per_seed[s][n] if per_seed[s][n] is not None else float("nan")
-                                   for n, _ in bars], color="0.7", lw=0.8, zorder=1)
+        ax.plot(range(len(bars)), _percent([per_seed[s][n] for n, _ in bars]), color="0.7", lw=0.8, zorder=1)
     ax.set_xticks(range(len(bars)), [w.replace(" stage 4", "\nstage 4").replace(", ", ",\n") for _, w in bars],
                   fontsize=7)
     ax.set_ylabel("top-1 (%)")
@@ -182,8 +181,7 @@ def _plot(found: dict, seeds: list[int], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax = axes[1]
     for i, (name, _) in enumerate(diffs):
-        values = [per_seed[s][name] for s in seeds]
-        ax.scatter([i] * len(values), [100 * v if v is not None else float("nan") for v in values], color="C0", zorder=3)
+        ax.scatter([i] * len(seeds), _percent([per_seed[s][name] for s in seeds]), color="C0", zorder=3)
         ci = summary[name]["ci95"]
         if ci is not None:
             ax.errorbar([i + 0.15], [100 * summary[name]["mean"]], yerr=[[100 * (summary[name]["mean"] - ci[0])],
@@ -197,3 +195,7 @@ def _plot(found: dict, seeds: list[int], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _percent(values: list) -> list[float]:
+    return [100 * v if v is not None else float("nan") for v in values]

@@ -3,11 +3,15 @@
 network (the EMA of the online one) sees another, whole view. Both are projected, L2-normalised
 and compared with learnt prototypes; the anchors' prototype distribution (temperature
 `anchor_temperature`) must match the target's sharper one (`target_temperature`), and the mean
-anchor distribution is pushed towards uniform (mean-entropy maximisation, weight `me_max`), which
-keeps every prototype in use. The exported backbone is the target encoder, as in the paper."""
+anchor distribution is pushed towards uniform (mean-entropy maximisation, weight `me_max`). With
+`sinkhorn` the targets are also balanced over the prototypes (a few Sinkhorn-Knopp iterations over
+the batch, across ranks), as the reference's configurations do: without it the sharpened targets of
+a small model can all fall on one prototype within a few steps and stay there. The exported
+backbone is the target encoder, as in the paper."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -56,8 +60,29 @@ class MSN:
         anchor_logits, target_logits = trainer.engine(anchors, mask_ratio=cfg.mask_ratio,
                                                       targets=targets.repeat(cfg.anchors, 1))
         wanted = F.softmax(target_logits.float() / cfg.target_temperature, dim=1)
+        if cfg.sinkhorn:
+            wanted = balanced(wanted)
         log_p = F.log_softmax(anchor_logits.float() / cfg.anchor_temperature, dim=1)
         matching = -(wanted * log_p).sum(1).mean()
         mean = log_p.exp().mean(0)
         negative_entropy = (mean * torch.log(mean.clamp(min=1e-12))).sum()
         return matching + cfg.me_max * negative_entropy
+
+
+@torch.no_grad()
+def balanced(p: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp: rescale a batch's (B, K) assignment so that every prototype gets an equal
+    share of the (global) batch while each row stays a distribution."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def summed(x: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            dist.all_reduce(x)
+        return x
+
+    q = p / summed(p.sum())
+    rows, prototypes = len(p) * world, p.shape[1]
+    for _ in range(iterations):
+        q = q / summed(q.sum(0, keepdim=True)) / prototypes  # each prototype: 1/K of the mass
+        q = q / q.sum(1, keepdim=True) / rows  # each sample: 1/B
+    return q * rows

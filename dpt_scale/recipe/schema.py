@@ -238,6 +238,7 @@ class MSN:
     anchor_temperature: float = field(default=0.1, metadata={"min": 1e-3})
     target_temperature: float = field(default=0.025, metadata={"min": 1e-3})
     me_max: float = field(default=1.0, metadata={"min": 0.0})  # weight of mean-entropy maximisation
+    sinkhorn: bool = True  # balance the targets over the prototypes (Sinkhorn-Knopp), as the reference does
 
 
 @dataclass

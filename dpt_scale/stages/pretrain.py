@@ -22,7 +22,7 @@ import torch.distributed as dist
 from dpt_scale.data.importer import check_settings
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import UserError
-from dpt_scale.models.classifier import ImageClassifier, check_model_name, normalisation
+from dpt_scale.models.classifier import ImageClassifier, check_model_name, normalisation, pretrain_meta
 from dpt_scale.pretrain import build_method
 from dpt_scale.pretrain.backbone import BACKBONE, pretrain_dir, pretrain_seed, write_backbone
 from dpt_scale.pretrain.knn import KNNMonitor
@@ -56,8 +56,9 @@ def encoder_settings(recipe: Recipe, manifest: Manifest, directory: Path) -> dic
     model = recipe.classifier.model
     channels = manifest.image["channels"]
     mean, std = normalisation(model.name, None, channels, model.mean, model.std)
-    return dict(name=model.name, num_classes=0, in_chans=channels, img_size=manifest.square_size(directory, "pretraining"),
-                mean=mean, std=std, input_size=model.input_size, crop_pct=model.crop_pct, model_kwargs=model.kwargs)
+    size = manifest.square_size(directory, "pretraining")
+    return dict(name=model.name, num_classes=0, in_chans=channels, img_size=size, mean=mean, std=std,
+                input_size=model.input_size, crop_pct=model.crop_pct, model_kwargs=model.kwargs)
 
 
 def check_pretrain(recipe: Recipe) -> None:
@@ -80,6 +81,11 @@ def pretrain(recipe: Recipe) -> Path:
     method.check(ImageClassifier(**encoder))  # e.g. msn needs a ViT: said before the trainer starts
     settings = backbone_settings(recipe, manifest)
     _claim(out, settings)
+    backbone = out / BACKBONE
+    made = pretrain_meta(backbone) if backbone.is_file() else None
+    if made is not None and made.get("settings") == settings:  # e.g. a study's shared backbone
+        log.info(f"stage 0: {backbone} is already made with these settings")
+        return backbone
 
     def model_fn() -> PretrainNet:
         backbone = ImageClassifier(**encoder)
@@ -103,7 +109,6 @@ def pretrain(recipe: Recipe) -> Path:
     weights = trainer.fit(loader)
     if knn.last_step() != trainer.step:
         knn(trainer, trainer.step)
-    backbone = out / BACKBONE
     if trainer.rank == 0:
         knn_top1 = json.loads((out / "knn.jsonl").read_text().splitlines()[-1])["knn_top1"] if knn.usable else None
         meta = {"method": cfg.method, "model": encoder["name"], "kwargs": encoder["model_kwargs"],
