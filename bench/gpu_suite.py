@@ -1,4 +1,4 @@
-"""Every GPU figure of issue 7 in one run: U-ViT training, the stage-3 sampler, pseudo-labelling.
+"""Every GPU figure the project has not yet measured, in one run: U-ViT training, the stage-3 sampler, pseudo-labelling.
 
 On a machine with one CUDA GPU (H100 or H200), from the repository root:
 
@@ -82,7 +82,7 @@ from dpt_scale.stages.sample import _decoder  # noqa: E402  (the sample stage's 
 SECTIONS = ("train", "sample", "pseudo-label")
 DEFAULT_AUTOENCODER = Path("assets/stable-diffusion/vae")  # where the ImageNet recipes look
 
-# What each mode runs. GPU: the issue's settings, sized for < 9 minutes on one H100 (module docstring).
+# What each mode runs. GPU: the settings above, sized for < 9 minutes on one H100.
 # Smoke: the same code paths with tiny models on the CPU, one repeat.
 GPU = dict(
     train=dict(sizes=("L", "H"), conv={"L": True, "H": False}, batch=128, warmup=3, repeats=10, dtype=torch.bfloat16),

@@ -112,7 +112,7 @@ def _sync(device: torch.device) -> None:
 
 def throughput(args) -> dict:
     from dpt_scale.stages.sample import sample
-    from dpt_scale.stages.train_diffusion import load_diffusion
+    from dpt_scale.diffusion.export import load_diffusion
 
     device = torch.device("cuda" if args.gpu else "cpu")
     root = Path(tempfile.mkdtemp(prefix="bench-sampler-"))

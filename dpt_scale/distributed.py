@@ -12,6 +12,10 @@ import socket
 import sys
 import warnings
 from datetime import timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported only when joining a process group (see above)
+    import torch
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -237,3 +237,45 @@ def test_in_training_fid_is_logged_from_the_ema_model(tmp_path, mnist):
     assert [l["step"] for l in lines] == [1, 2]
     assert all(l["samples"] == 60 and l["fid"] > 0 and 0 <= l["conditional_accuracy"] <= 1 for l in lines)
     assert (tmp_path / "run" / "diffusion" / "samples" / "step-00000002.png").is_file()
+
+
+def test_diffusion_probe_samples_the_ema_weights_and_scores_them(tmp_path, mnist):
+    """The stage-2 probe alone, outside a trainer: the grid and the FID come from the EMA weights it
+    is handed (not the model being trained), the same weights give the same grid, and the FID line
+    says how many unguided samples it scored and with which evaluator."""
+    import torch.distributed as dist
+
+    from dpt_scale.diffusion.probe import GRID_PER_CLASS, DiffusionProbe
+    from dpt_scale.diffusion.schedules import build_schedule
+    from dpt_scale.models import build_uvit
+
+    write_set(tmp_path / "data" / "val", mnist["val"][:200])
+    recipe = load_recipe(None, [f"out={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+                                "classifier.pseudo_label.workers=0", "evaluate.kid_subset_size=20",
+                                "diffusion.fid_samples=30", "sample.batch=16"])
+    settings = dict(size="tiny", img_size=28, patch_size=4, in_chans=1, num_classes=10)
+    classes = [str(c) for c in range(10)]
+
+    class Trainer:  # what the probe reads of the trainer
+        rank, device = 0, torch.device("cpu")
+
+        def __init__(self, seed):
+            torch.manual_seed(seed)
+            weights = build_uvit(**settings).state_dict()
+            self.ema = type("EMA", (), {"full_state_dict": lambda _: weights})()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        probe = DiffusionProbe(recipe, settings, build_schedule(recipe.diffusion.schedule), classes, None,
+                               tmp_path / "diffusion")
+        grids = {}
+        for step, seed in [(1, 0), (2, 0), (3, 1)]:
+            probe(Trainer(seed), step)
+            grids[step] = np.asarray(Image.open(tmp_path / "diffusion" / "samples" / f"step-{step:08d}.png"))
+    finally:
+        dist.destroy_process_group()
+    assert grids[1].shape[:2] == (10 * 30 + 2, GRID_PER_CLASS * 30 + 2)  # one row per class, 2 px padding
+    assert np.array_equal(grids[1], grids[2]) and not np.array_equal(grids[1], grids[3])
+    lines = [json.loads(l) for l in (tmp_path / "diffusion" / "fid.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3] and lines[0]["fid"] == pytest.approx(lines[1]["fid"])
+    assert all(l["samples"] == 30 and l["evaluator"] == "mnist" and l["fid"] > 0 for l in lines)

@@ -166,14 +166,14 @@ def test_train_diffusion_and_sample_on_latents(encoded):
     assert manifest.image["size"] == [16, 16] and manifest.image["channels"] == 3
 
     other = load_recipe(recipe, ["diffusion.latent.scale_factor=0.5"])
-    from dpt_scale.stages.train_diffusion import load_diffusion
+    from dpt_scale.diffusion.export import load_diffusion
 
     with pytest.raises(UserError, match=r"does not match the recipe's model: .*latent=.* \(recipe: .*x 0\.5\)"):
         load_diffusion(other, weights, torch.device("cpu"))
 
 
 def test_latent_recipes_need_a_set_of_their_own_autoencoder_and_images(encoded, tmp_path):
-    from dpt_scale.stages.encode import latent_set
+    from dpt_scale.diffusion.latents import latent_set
 
     recipe = write_recipe(tmp_path / "r.yaml", encoded, data=tmp_path / "data")
     assert_one_line_error(run_cli("-q", "train-diffusion", str(recipe)), "no finished latent set",

@@ -2,6 +2,8 @@
 Every rank scores its whole shards; the counts are summed across ranks."""
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -10,7 +12,12 @@ import torch.distributed as dist
 from dpt_scale.classification.inference import map_shards
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError
+from dpt_scale.layout import layout
+from dpt_scale.models.classifier import load_classifier
+from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_classifier(model: torch.nn.Module, directory: str | Path, batch_size: int, device: torch.device,
@@ -68,3 +75,22 @@ def save_confusion_png(confusion: list[list[int]], classes: list[str], path: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def evaluate_weights(recipe: Recipe, weights: Path, out: Path, device, title: str) -> dict | None:
+    """Top-1/top-5/per-class/confusion of the EMA weights on the validation shards, if there are any."""
+    val = layout(recipe).val
+    if not (val / "manifest.json").is_file():
+        log.warning(f"no validation shards at {val}: skipping evaluation")
+        return None
+    model = load_classifier(weights, device=device)
+    report = evaluate_classifier(model, val, recipe.classifier.pseudo_label.batch, device,
+                                 recipe.classifier.pseudo_label.workers)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        save_confusion_png(report["confusion"], Manifest.load(val).classes, out / "confusion.png",
+                           f"{recipe.name} {title}: top-1 {report['top1']:.3f}")
+        log.info(f"{title}: top-1 {report['top1']:.4f}, top-5 {report['top5']:.4f} on {report['samples']} "
+                 f"validation images")
+    return report

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 from dpt_scale.cli import command, recipe_arguments, resolve_recipe
+from dpt_scale.layout import layout
 from dpt_scale.recipe import save_recipe
+from dpt_scale.recipe.schema import Data
 
 
 def _import_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", choices=["mnist", "imagefolder", "idx"],
+    p.add_argument("source", choices=typing.get_args(typing.get_type_hints(Data)["source"]),
                    help="mnist: the embedded subset; imagefolder ROOT; idx IMAGES LABELS")
     p.add_argument("paths", nargs="*", metavar="PATH", help="the source's inputs")
     p.add_argument("--out", metavar="DIR", help="shard sets go to DIR/train and DIR/val (recipe: data.root)")
@@ -37,7 +40,7 @@ def data_import(args: argparse.Namespace) -> None:
              "data.import_workers": (args.workers, "--workers")}
     recipe = resolve_recipe(args, {k: v for k, v in flags.items() if v[0] is not None})
     import_data(recipe, force=args.force)
-    save_recipe(recipe, Path(recipe.data_root) / "recipe.yaml")
+    save_recipe(recipe, layout(recipe).data_recipe)
 
 
 def _subset_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +59,7 @@ def data_subset(args: argparse.Namespace) -> None:
     flags = {"data.labelled.per_class": (args.per_class, "--per-class"),
              "data.labelled.seed": (args.seed, "--seed"), "data.labelled.list": (args.from_list, "--from-list")}
     recipe = resolve_recipe(args, {k: v for k, v in flags.items() if v[0] is not None})
-    shards = Path(args.shards or Path(recipe.data_root) / "train")
+    shards = Path(args.shards or layout(recipe).train)
     out = Path(args.out or subset_path(recipe))
     keys, how = make_subset(recipe, shards, out)
     save_recipe(recipe, out.with_suffix(".recipe.yaml"))

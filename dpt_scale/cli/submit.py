@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dpt_scale.cli import COMMANDS, build_parser, command, recipe_arguments
 from dpt_scale.errors import UserError
+from dpt_scale.layout import layout
 from dpt_scale.recipe import load_recipe
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def submit(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, not on the cluster
     job = StageJob(args.stage, str(Path(args.recipe).resolve()), args.overrides, shlex.split(args.stage_args))
     build_parser().parse_args(job.argv())  # the stage's own arguments: argparse says what is wrong
-    folder = Path(args.folder or Path(recipe.out) / "slurm").resolve()
+    folder = Path(args.folder or layout(recipe).slurm).resolve()
     parameters = sbatch_parameters(args, recipe)
     executor = _executor(folder, args.max_timeouts, args.dry_run)
     try:

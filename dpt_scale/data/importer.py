@@ -26,6 +26,7 @@ import dpt_scale
 from dpt_scale.data.images import EncodeSettings, Unreadable, encode_array, encode_file
 from dpt_scale.data.sources import SOURCES, Source
 from dpt_scale.errors import UserError, check_writable
+from dpt_scale.layout import layout
 from dpt_scale.recipe.schema import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest
 from dpt_scale.shards.writer import SetStats, ShardSetWriter
@@ -56,11 +57,11 @@ def import_data(recipe: Recipe, force: bool = False) -> dict[str, Manifest]:
     }
     manifests = {}
     for split, items in splits.items():
-        out = Path(recipe.data_root) / split
+        out = getattr(layout(recipe), split)
         manifests[split] = _existing(out, split, identity, force) or \
             _write_split(out, split, items, source, settings, identity, cfg.import_workers)
     if "val" not in splits:
-        log.warning(f"{cfg.source} source gave no validation images: only {Path(recipe.data_root) / 'train'} was "
+        log.warning(f"{cfg.source} source gave no validation images: only {layout(recipe).train} was "
                     "written (name a val tree with --val, or hold some out with --val-fraction)")
     return manifests
 

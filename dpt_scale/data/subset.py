@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dpt_scale.errors import ShardError, UserError
+from dpt_scale.layout import layout
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
 
@@ -126,7 +127,7 @@ def write_subset(path: str | Path, keys: list[str], labels: dict[str, int], head
 
 
 def subset_path(recipe) -> Path:
-    return Path(recipe.out) / "labelled.txt"
+    return layout(recipe).labelled
 
 
 def make_subset(recipe, shards: str | Path, out: str | Path) -> tuple[list[str], str]:

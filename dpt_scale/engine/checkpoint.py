@@ -31,6 +31,11 @@ def tag_of(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def rank_file(root: Path, step: int, rank: int) -> Path:
+    """A rank's own part of a checkpoint (EMA shard, RNG states, data position), beside DeepSpeed's files."""
+    return Path(root) / tag_of(step) / f"dpt_rank{rank:05d}.pt"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -62,7 +67,7 @@ class Checkpoints:
         """Every rank calls this; `state` is this rank's own part (EMA shard, RNG, data position)."""
         rank, world = dist.get_rank(), dist.get_world_size()
         tag = tag_of(step)
-        path = self.root / tag / f"dpt_rank{rank:05d}.pt"
+        path = rank_file(self.root, step, rank)
         with saving(self.root):
             engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
             torch.save({**state, "step": step, "world_size": world}, path.with_name(path.name + ".tmp"))
@@ -103,7 +108,7 @@ class Checkpoints:
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise UserError(f"DeepSpeed could not load checkpoint {self.root / tag}; it may be damaged")
-        return torch.load(self.root / tag / f"dpt_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+        return torch.load(rank_file(self.root, step, rank), map_location="cpu", weights_only=False)
 
     def _prune(self, newest: int) -> None:
         complete, incomplete = self._steps()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dpt_scale.engine.checkpoint import COMPLETE, saving, tag_of
+from dpt_scale.engine.checkpoint import COMPLETE, rank_file, saving, tag_of
 from dpt_scale.engine.ema import join_shards
 from dpt_scale.errors import UserError
 
@@ -34,7 +34,7 @@ def export_weights(root: str | Path, step: int, out: str | Path, extra: dict | N
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatty
             model = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag_of(step))
-    ranks = [torch.load(tag_dir / f"dpt_rank{r:05d}.pt", map_location="cpu", weights_only=False)
+    ranks = [torch.load(rank_file(root, step, r), map_location="cpu", weights_only=False)
              for r in range(meta["world_size"])]
     payload = {"weights": model, "ema": join_shards([r["ema"] for r in ranks]), "step": step}
     clash = set(payload) & set(extra or {})

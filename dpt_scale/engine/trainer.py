@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from dpt_scale import preemption
 from dpt_scale.distributed import init_distributed
-from dpt_scale.engine.checkpoint import Checkpoints
+from dpt_scale.engine.checkpoint import Checkpoints, rank_file, tag_of
 from dpt_scale.engine.dsconfig import deepspeed_config
 from dpt_scale.engine.ema import ShardedEMA
 from dpt_scale.engine.export import export_weights
@@ -68,12 +68,12 @@ class Trainer:
             return
         state = self.checkpoints.load(self.engine, step)
         ema = state["ema"] if state["ema"] is not None else torch.load(  # whole EMA: kept by rank 0 only
-            self.checkpoints.root / f"step-{step:08d}" / "dpt_rank00000.pt", weights_only=False)["ema"]
+            rank_file(self.checkpoints.root, step, 0), weights_only=False)["ema"]
         self.ema.load_state_dict(ema)
         _set_rng(state["rng"])
         self.step, self.position = step, tuple(state["position"])
         if self.rank == 0:
-            log.info(f"resumed from {self.checkpoints.root}/step-{step:08d} "
+            log.info(f"resumed from {self.checkpoints.root / tag_of(step)} "
                      f"(epoch {self.position[0]}, {self.position[1]} samples into it on each rank)")
 
     def fit(self, loader) -> Path:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from dpt_scale.classification.inference import map_shards
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError
+from dpt_scale.layout import layout
 from dpt_scale.metrics.evaluators import Evaluator, build_evaluator, trained_evaluator_path
 from dpt_scale.recipe import Recipe
 from dpt_scale.recipe.schema import Evaluate
@@ -198,13 +199,13 @@ def _shard_set(path: Path, what: str, fix: str) -> Manifest:
 def reference_for(recipe: Recipe, device: torch.device) -> tuple[Evaluator, dict | None]:
     """The recipe's evaluator and its reference features (on rank 0; None elsewhere). Every rank calls it."""
     cfg = resolved(recipe)
-    reference = Path(cfg.reference or Path(recipe.data_root) / "val")
+    reference = Path(cfg.reference or layout(recipe).val)
     manifest = _shard_set(reference, "reference shard set",
                           "run `dpt-scale data import`, or set evaluate.reference to a shard set")
     evaluator = build_evaluator(cfg, manifest, device)
     if evaluator.accepts is not None:
         evaluator.accepts(manifest, reference)
-    cache = Path(recipe.out) / "evaluation" / "cache"
+    cache = layout(recipe).evaluation / "cache"
     workers = recipe.classifier.pseudo_label.workers
     return evaluator, reference_features(evaluator, reference, manifest, cache, cfg.batch, device, workers)
 
@@ -215,7 +216,7 @@ def resolved(recipe: Recipe) -> Evaluate:
     cfg = recipe.evaluate
     if cfg.trained.weights is not None:
         return cfg
-    train = Path(recipe.data_root) / "train"
+    train = layout(recipe).train
     weights = trained_evaluator_path(recipe.data_root, Manifest.load(train)) if (train / MANIFEST).is_file() else None
     return dataclasses.replace(cfg, trained=dataclasses.replace(cfg.trained, weights=weights and str(weights)))
 
@@ -239,8 +240,8 @@ def generation_metrics(recipe: Recipe, generated: Path | None = None,
     """Metrics of `generated` (default <out>/samples) against `evaluate.reference` (default
     <data root>/val); the same dict on every rank."""
     cfg = recipe.evaluate
-    generated = Path(generated or Path(recipe.out) / "samples")
-    reference = Path(cfg.reference or Path(recipe.data_root) / "val")
+    generated = Path(generated or layout(recipe).samples)
+    reference = Path(cfg.reference or layout(recipe).val)
     gen_manifest = _shard_set(generated, "generated images", "run `dpt-scale sample RECIPE` first")
     evaluator, real = reference_for(recipe, device)
     if evaluator.accepts is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from timm.layers import Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -114,10 +115,9 @@ class UViT(nn.Module):
         return block(*args)
 
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        p, c = self.patch_size, self.in_chans
-        h, w = self.patch_embed.grid_size
-        return x.view(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h * p, w * p)
+        h, _ = self.patch_embed.grid_size
+        p = self.patch_size
+        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p)
 
     def flops_per_image(self) -> float:
         """Forward FLOPs for one image (a multiply-add counts 2); training costs about 3x this

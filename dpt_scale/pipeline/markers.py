@@ -10,14 +10,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from dpt_scale.layout import layout
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import write_json
 
-MARKERS = "stages"
-
-
 def marker_path(recipe: Recipe, stage: str) -> Path:
-    return Path(recipe.out) / MARKERS / f"{stage}.json"
+    return layout(recipe).markers / f"{stage}.json"
 
 
 def read_marker(recipe: Recipe, stage: str) -> dict | None:

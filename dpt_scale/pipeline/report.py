@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from dpt_scale.layout import CLASSIFIER_STAGES, layout
 from dpt_scale.pipeline.markers import read_marker
 from dpt_scale.pipeline.stages import STAGES
 from dpt_scale.pretrain.backbone import pretrain_dir, uses_pretrain
@@ -20,7 +21,6 @@ from dpt_scale.shards.manifest import MANIFEST, Manifest, write_json
 
 log = logging.getLogger(__name__)
 GRID_ROWS = 16  # classes shown one row each in the pseudo-image grid
-TRAINED = {"train-classifier": "classifier", "train-diffusion": "diffusion", "retrain": "retrain"}
 EVALUATED = ("fid", "kid_mean", "precision", "recall", "spread_ratio", "conditional_accuracy", "evaluator",
              "evaluator_top1", "samples", "sampled_with")
 
@@ -45,36 +45,36 @@ def _count(shard_set: Path) -> int | None:
 
 def results(recipe: Recipe) -> dict[str, dict]:
     """Each stage's figures, from its outputs: {stage: {name: value}} (stages without outputs left out)."""
-    out, data = Path(recipe.out), Path(recipe.data_root)
+    run = layout(recipe)
     found: dict[str, dict] = {}
-    counts = {split: _count(data / split) for split in ("train", "val")}
+    counts = {"train": _count(run.train), "val": _count(run.val)}
     if counts["train"]:
         found["import"] = {f"{split}_images": n for split, n in counts.items() if n is not None}
-    if (out / "labelled.txt").is_file():
-        keys = [k for k in (out / "labelled.txt").read_text().splitlines() if k and not k.startswith("#")]
+    if run.labelled.is_file():
+        keys = [k for k in run.labelled.read_text().splitlines() if k and not k.startswith("#")]
         found["subset"] = {"labelled_images": len(keys)}
     knn = _jsonl(pretrain_dir(recipe) / "knn.jsonl") if uses_pretrain(recipe) else []
     if knn:
         found["pretrain"] = {"knn_top1": knn[-1]["knn_top1"], "steps": knn[-1]["step"]}
-    for stage, sub in (("train-classifier", "classifier"), ("retrain", "retrain")):
-        scores = _json(out / sub / "eval.json")
+    for stage, which in (("train-classifier", "stage1"), ("retrain", "retrain")):
+        scores = _json(run.classifier(which) / "eval.json")
         if scores:
             found[stage] = {"top1": scores["top1"], "top5": scores["top5"]}
-    labels = _json(out / "pseudo_labels" / MANIFEST)
+    labels = _json(run.pseudo_labels / MANIFEST)
     if labels:
         found["pseudo-label"] = {"agreement": labels.get("agreement"), "selected": labels["selection"]["selected"],
                                  "mean_confidence": labels["mean_confidence"]}
-    fid = _jsonl(out / "diffusion" / "fid.jsonl")
-    losses = _jsonl(out / "diffusion" / "metrics.jsonl")
+    fid = _jsonl(run.diffusion / "fid.jsonl")
+    losses = _jsonl(run.diffusion / "metrics.jsonl")
     if losses:
         found["train-diffusion"] = {"steps": losses[-1]["step"], "final_loss": losses[-1]["loss"]}
         if fid:  # unguided EMA samples, fewer than the final evaluation's: a trend, not the result
             found["train-diffusion"].update({f"in_training_fid ({fid[-1]['samples']} unguided)": fid[-1]["fid"],
                                              "in_training_evaluator": fid[-1].get("evaluator")})
-    images = _count(out / "samples")
+    images = _count(run.samples)
     if images is not None:
         found["sample"] = {"images": images}
-    generation = (_json(out / "evaluation" / "metrics.json") or {}).get("generation")
+    generation = (_json(run.evaluation / "metrics.json") or {}).get("generation")
     if generation:
         found["evaluate"] = {k: generation.get(k) for k in EVALUATED}
     return found
@@ -92,8 +92,8 @@ def headline(found: dict) -> dict:
 
 
 def write_report(recipe: Recipe) -> Path:
-    out = Path(recipe.out)
-    figures = out / "report"
+    run = layout(recipe)
+    figures = run.figures
     figures.mkdir(parents=True, exist_ok=True)
     found = results(recipe)
     stages = []
@@ -104,42 +104,43 @@ def write_report(recipe: Recipe) -> Path:
         stages.append({"stage": name, "summary": stage.summary, "state": (marker or {}).get("state", "no marker"),
                        "wall_s": (marker or {}).get("wall_s"), "results": found.get(name, {})})
     images = _figures(recipe, figures)
-    report = {"recipe": recipe.name, "out": str(out), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    report = {"recipe": recipe.name, "out": str(run.out), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
               "headline": headline(found), "evaluated_with": _evaluated_with(found.get("evaluate", {})),
               "stages": stages, "figures": images}
-    write_json(out / "report.json", report, indent=1)
-    (out / "report.md").write_text(_markdown(report))
-    log.info(f"report: {out / 'report.md'}")
-    return out / "report.md"
+    write_json(run.report_json, report, indent=1)
+    run.report.write_text(_markdown(report))
+    log.info(f"report: {run.report}")
+    return run.report
 
 
 def _figures(recipe: Recipe, figures: Path) -> list[str]:
-    out, made = Path(recipe.out), []
-    curves = {stage: _jsonl(out / sub / "metrics.jsonl") for stage, sub in TRAINED.items()}
+    run, made = layout(recipe), []
+    curves = {stage: _jsonl(path / "metrics.jsonl") for stage, path in
+              (("train-classifier", run.classifier()), ("train-diffusion", run.diffusion), ("retrain", run.classifier("retrain")))}
     if uses_pretrain(recipe):
         curves = {"pretrain": _jsonl(pretrain_dir(recipe) / "metrics.jsonl"), **curves}
     probes = {"backbone k-NN top-1 (validation)": ("knn_top1", _jsonl(pretrain_dir(recipe) / "knn.jsonl")
                                                   if uses_pretrain(recipe) else []),
-              "in-training FID (unguided EMA samples)": ("fid", _jsonl(out / "diffusion" / "fid.jsonl"))}
+              "in-training FID (unguided EMA samples)": ("fid", _jsonl(run.diffusion / "fid.jsonl"))}
     if any(curves.values()):
         _plot_losses(curves, probes, figures / "losses.png")
         made.append("report/losses.png")
-    grids = sorted((out / "diffusion" / "samples").glob("step-*.png"))
+    grids = sorted((run.diffusion / "samples").glob("step-*.png"))
     if grids:  # the last in-training grid: one row per class, EMA model
         shutil.copyfile(grids[-1], figures / "diffusion-grid.png")
         made.append("report/diffusion-grid.png")
-    manifest, grid = out / "samples" / MANIFEST, figures / "samples.png"
+    manifest, grid = run.samples / MANIFEST, figures / "samples.png"
     if manifest.is_file():
         if not grid.is_file() or grid.stat().st_mtime < manifest.stat().st_mtime:  # else: the same images
             from dpt_scale.shards.grid import sample_grid
 
             # one row per class where that fits on a page; ImageNet's 1,000 classes get a plain grid
-            few = Manifest.load(out / "samples").num_classes <= GRID_ROWS
-            sample_grid(out / "samples", grid, per_class=10 if few else None, n=64)
+            few = Manifest.load(run.samples).num_classes <= GRID_ROWS
+            sample_grid(run.samples, grid, per_class=10 if few else None, n=64)
         made.append("report/samples.png")
-    for sub in ("classifier", "retrain"):
-        if (out / sub / "confusion.png").is_file():
-            made.append(f"{sub}/confusion.png")
+    for stage in CLASSIFIER_STAGES:
+        if (run.classifier(stage) / "confusion.png").is_file():
+            made.append(f"{run.classifier(stage).name}/confusion.png")
     return made
 
 

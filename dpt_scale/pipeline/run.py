@@ -23,7 +23,8 @@ import yaml
 
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError, check_writable
-from dpt_scale.pipeline.markers import MARKERS, parts_hash, read_marker, write_marker
+from dpt_scale.layout import layout
+from dpt_scale.pipeline.markers import parts_hash, read_marker, write_marker
 from dpt_scale.pipeline.stages import STAGES, Stage, parts_of
 from dpt_scale.recipe import Recipe, save_recipe
 
@@ -127,7 +128,7 @@ def run_pipeline(recipe: Recipe, start: str | None = None, only: str | None = No
         return steps
     _barrier(world)  # every rank has read the markers before any is rewritten
     if rank == 0:
-        save_recipe(recipe, Path(recipe.out) / "recipe.yaml")
+        save_recipe(recipe, layout(recipe).recipe)
     todo = [s for s in steps if s.action in RUNS]
     for n, step in enumerate(todo, 1):
         stage = step.stage
@@ -154,10 +155,6 @@ def run_pipeline(recipe: Recipe, start: str | None = None, only: str | None = No
     return report
 
 
-# What a run folder holds besides the stages' outputs.
-RUN_FILES = (MARKERS, "recipe.yaml", "report", "report.md", "report.json", "slurm", "labelled.recipe.yaml")
-
-
 def check_out(recipe: Recipe) -> None:
     """`out` must be new, empty, or this run's: in a folder holding another recipe's run, that run's
     stages would be redone (their outputs removed first), and a folder of unrelated files is most
@@ -166,7 +163,7 @@ def check_out(recipe: Recipe) -> None:
     check_writable(out, "pass --set out=DIR")
     if not out.is_dir():
         return
-    saved = out / "recipe.yaml"
+    saved = layout(recipe).recipe
     if saved.is_file():
         try:
             other = (yaml.safe_load(saved.read_text()) or {}).get("name")
@@ -175,7 +172,7 @@ def check_out(recipe: Recipe) -> None:
         if other != recipe.name:
             raise UserError(f"{out} holds another run ({saved} names {other!r}, this recipe {recipe.name!r}); "
                             f"pass another --set out=DIR, or remove {out} to start over")
-    ours = set(RUN_FILES) | {p.relative_to(out).parts[0] for stage in STAGES.values()
+    ours = {p.name for p in layout(recipe).run_files} | {p.relative_to(out).parts[0] for stage in STAGES.values()
                              for p in stage.outputs(recipe) if p.is_relative_to(out)}
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if entries and not ours & set(entries):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from dpt_scale.layout import layout
 from dpt_scale.recipe import Recipe, flatten
 
 # fnmatch patterns over dotted recipe keys
@@ -124,7 +125,7 @@ def _import(recipe: Recipe) -> dict:
 def _subset(recipe: Recipe) -> dict:
     from dpt_scale.data.subset import make_subset, subset_path
 
-    keys, how = make_subset(recipe, Path(recipe.data_root) / "train", subset_path(recipe))
+    keys, how = make_subset(recipe, layout(recipe).train, subset_path(recipe))
     return {"labelled": len(keys), "how": how}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -157,6 +158,11 @@ def _reading(s: dict) -> str:
     return "not distinguishable from zero"
 
 
+def _tick(label: str) -> str:
+    """Axis labels wrapped narrow enough that neighbours do not overlap."""
+    return textwrap.fill(label, 16)
+
+
 def _plot(found: dict, seeds: list[int], path: Path) -> None:
     import matplotlib
 
@@ -174,8 +180,7 @@ def _plot(found: dict, seeds: list[int], path: Path) -> None:
                     color="C3", capsize=4)
     for s in seeds:  # each seed's arms joined: the comparison is paired
         ax.plot(range(len(bars)), _percent([per_seed[s][n] for n, _ in bars]), color="0.7", lw=0.8, zorder=1)
-    ax.set_xticks(range(len(bars)), [w.replace(" stage 4", "\nstage 4").replace(", ", ",\n") for _, w in bars],
-                  fontsize=7)
+    ax.set_xticks(range(len(bars)), [_tick(w.split(" (")[0]) for _, w in bars], fontsize=7)
     ax.set_ylabel("top-1 (%)")
     ax.set_title("per seed (dots) and mean ± std")
     ax.grid(alpha=0.3)
@@ -188,7 +193,7 @@ def _plot(found: dict, seeds: list[int], path: Path) -> None:
                                                                          [100 * (ci[1] - summary[name]["mean"])]],
                         fmt="s", color="C3", capsize=4)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(diffs)), [w.split(" (")[0].replace(" - ", "\n- ") for _, w in diffs], fontsize=7)
+    ax.set_xticks(range(len(diffs)), [_tick(w.split(" (")[0]) for _, w in diffs], fontsize=7)
     ax.set_ylabel("points of top-1")
     ax.set_title("paired differences: seeds and mean, 95% CI")
     ax.grid(alpha=0.3)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dpt_scale.errors import UserError
+from dpt_scale.layout import layout
 from dpt_scale.models.classifier import PRETRAIN_META
 from dpt_scale.recipe import Recipe
 
@@ -27,7 +28,7 @@ def uses_pretrain(recipe: Recipe) -> bool:
 
 
 def pretrain_dir(recipe: Recipe) -> Path:
-    return Path(recipe.pretrain.out or Path(recipe.out) / "pretrain")
+    return Path(recipe.pretrain.out or layout(recipe).pretrain)
 
 
 def pretrain_seed(recipe: Recipe) -> int:

@@ -27,9 +27,8 @@ import torch
 from dpt_scale.errors import UserError
 
 STACK_BYTES = 2 << 20  # decoded images are stacked into a batch this many bytes at a time
-# A batch starts this many bytes into its buffer. torch allocates at multiples of 64 bytes, and
-# simplejpeg decoding 64 px images into memory that starts 16 bytes past that ran 1.07x faster with
-# one worker in paired full benchmark runs (docs/benchmarks.md); 16 keeps every dtype aligned.
+# A batch starts this many bytes into its buffer: simplejpeg decodes faster into memory 16 bytes past
+# torch's 64-byte allocation boundary (docs/benchmarks.md), and 16 keeps every dtype aligned.
 OFFSET = 16
 
 
@@ -169,9 +168,8 @@ def as_is(batch: dict) -> dict:
 
 class PooledBatch:
     """Decoded images gathered into a pooled buffer, good ones first; at the end, repeats of them
-    fill the places of lost samples. Images are stacked a chunk at a time: stacking costs per call
-    (a whole batch of 28 px PNGs at once loads ~4% faster than 16 at a time), while holding a
-    whole batch of large images before stacking would cost fresh memory every batch. With
+    fill the places of lost samples. Images are stacked a chunk at a time: stacking costs per call,
+    while holding a whole batch of large images before stacking would cost fresh memory every batch. With
     `in_place` (the (C, H, W) of every image), the buffer is taken at once and the caller decodes
     into `hwc[filled]`, counting it in `filled`."""
 
@@ -206,7 +204,7 @@ class PooledBatch:
         if self.images is None:
             first = self.pending[0]
             # The decoders give (C, H, W) views of (H, W, C) memory; a batch laid out the same way
-            # (channels_last) fills with plain copies, 10x faster than transposing (benchmarks.md).
+            # (channels_last) fills with plain copies instead of transposes.
             hwc = first.dim() == 3 and first.shape[0] > 1 and first.stride(0) == 1
             self.images, self.slot = self.pool.take(self.worker, (self.size, *first.shape), first.dtype, hwc)
         end = self.filled + len(self.pending)

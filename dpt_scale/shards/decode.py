@@ -1,29 +1,12 @@
 """Encoded image bytes -> uint8 (C, H, W) tensor, or straight into a batch.
 
-JPEG: simplejpeg (libjpeg-turbo; the pixels of torchvision's decoder, tested: the same for YCbCr
-and grayscale JPEGs, within one level for CMYK ones, which it converts by another formula). It has no
-fixed ~20 us cost per call (a 64 px JPEG: 31 us against 51 us) and decodes straight into a batch
-(`decode_into`), which saves copying each image into it (about 40 us at 256 px); see
-docs/benchmarks.md. Colour spaces TurboJPEG does not convert and damaged files fall
-back to torchvision, so that what counts as damage stays torchvision's call.
-
-PNG: libspng through imagecodecs, for 8-bit grayscale, RGB and palette images (the pixels of
-torchvision's libpng decoder, tested); it decodes straight into a batch too, and a 28 px MNIST PNG
-costs 9 us against 21 us through torchvision's op (whose call, output tensor and input copy cost
-more than libpng itself). Other PNGs (16-bit, alpha, a colour mode to convert) go to torchvision.
-(imagecodecs' libpng wrapper crashed the interpreter after ~11,000 decode errors in one process.)
-Neither decoder is safe on damaged bytes: torchvision's crashes the process (pytorch/vision#3613,
-reproduced with torchvision 0.29: one flipped byte in IDAT -> SIGSEGV), and libspng decodes ~2% of
-single flipped bits into wrong pixels without a word (measured, docs/benchmarks.md). Every image in
-our shards was decoded by PIL when it was written, so damage since then shows up as a PNG chunk CRC
-mismatch: we check the CRCs (~2 us; a batch's all in one pass) before either decoder sees the bytes.
-WebP: torchvision (libwebp), which raises on damage. `dpt-scale shards verify` decodes with PIL
-instead, as a second opinion.
-
-We call the op that `torchvision.io.decode_image` wraps: the wrapper's usage logging and
-deprecation warning cost ~15 us a call. (torchvision 0.29 deprecates its decoders in favour of
-TorchCodec; we pin torchvision exactly, and TorchCodec 0.17 measured slower on small images, see
-docs/benchmarks.md.)
+JPEG: simplejpeg (libjpeg-turbo, torchvision's pixels); PNG (8-bit gray, RGB, palette): libspng
+through imagecodecs. Both decode into a batch's own memory, with no fixed per-call cost; what they
+do not handle (other colour modes, 16-bit or alpha PNGs, WebP) and damaged files go to torchvision,
+so that what counts as damage stays its call. Neither PNG decoder is safe on damaged bytes (one
+crashes the process, the other decodes wrong pixels silently), and every image was decoded by PIL
+when written, so chunk CRCs are checked before any decoder sees the bytes. We call the op that
+`torchvision.io.decode_image` wraps, without its per-call logging. Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 

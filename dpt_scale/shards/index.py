@@ -73,8 +73,8 @@ class IndexBuilder:
 def load_npy(data: bytes) -> np.ndarray:
     """A .npy array from its bytes. numpy parses the header with ast.literal_eval, and CPython
     3.11's AST constructor can raise a spurious SystemError ("AST constructor recursion depth
-    mismatch", python/cpython#106905) when another parse runs inside or beside it; we saw it once
-    in a DataLoader worker. The bytes are fine then, so a retry reads them."""
+    mismatch", python/cpython#106905) when another parse runs beside it. The bytes are fine then, so a
+    retry reads them; the loop can go once Python 3.11 is no longer supported."""
     for attempt in range(3):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)

@@ -13,11 +13,10 @@ Training draws a fresh z = scale (mean + exp(logvar / 2) noise) from the moments
 Shard i goes to rank i % world. A finished shard gets a progress record naming the image shard's
 checksum, the autoencoder's identity and the flip setting, so a restarted run skips exactly the
 shards that still hold. Rank 0 writes the manifest last; its meta["latent"] says what the set was
-made from and `latent_set` checks that against a recipe before anything trains or samples on it.
+made from and `latent_set` checks that against a recipe (dpt_scale/diffusion/latents.py) before anything trains or samples on it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -30,25 +29,22 @@ import torch.distributed as dist
 
 from dpt_scale.classification.inference import ShardOutput, map_shards
 from dpt_scale.diffusion.autoencoder import LatentAutoencoder, autoencoder_identity
+from dpt_scale.diffusion.latents import MOMENTS, autoencoder_path, source_digest
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import ShardError, UserError
+from dpt_scale.layout import layout
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest, ShardEntry, write_json
+from dpt_scale.shards.per_shard import PROGRESS, run_per_shard
 from dpt_scale.shards.writer import TMP_SUFFIX, SetStats, ShardWriter
 
 log = logging.getLogger(__name__)
-MOMENTS = "moments.npy"
-PROGRESS = ".progress"  # one record per finished shard
-
-
-def latent_dir(recipe: Recipe) -> Path:
-    return Path(recipe.data_root) / "latents" / "train"
 
 
 def encode(recipe: Recipe) -> Path:
     rank, world, device = init_distributed()
-    source, out = Path(recipe.data_root) / "train", latent_dir(recipe)
-    path = _autoencoder_path(recipe)
+    source, out = layout(recipe).train, layout(recipe).latents
+    path = autoencoder_path(recipe)
     images = Manifest.load(source)
     vae = LatentAutoencoder(path).to(device)
     spec = _spec(recipe, path, vae, source, images)
@@ -66,57 +62,20 @@ def encode(recipe: Recipe) -> Path:
         return (record is not None and (out / entry.name).is_file() and record["source_sha256"] == entry.sha256
                 and all(record[k] == spec[k] for k in ("identity", "flips")))
 
-    mine = list(range(rank, len(images.shards), world))
-    todo = [i for i in mine if not done(i)]
-    if len(todo) < len(mine):
-        log.info(f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} shard(s) already encoded; resuming")
-    start, count = time.perf_counter(), 0
     workers = recipe.data.loader.workers  # image-decoding processes, as when training
     # diffusion.latent.encode_batch images per encoder pass (twice as many with flips): the encoder's
     # full-resolution activations bound it, as they bound sample.decode_batch when decoding.
     batch = recipe.diffusion.latent.encode_batch
-    for part in map_shards(_moments_fn(vae, spec["flips"]), source, todo, batch, device, workers, read_labels=True):
-        _write_shard(out, images.shards[part.shard], part, spec, images.num_classes)
-        count += len(part.keys)
-    if count:
-        seconds = time.perf_counter() - start
-        log.info(f"rank {rank}: encoded {count} images in {seconds:.1f}s ({count / seconds:.0f} images/s)")
-    dist.barrier()
-    if rank == 0:
-        _write_manifest(out, images, spec)
-    dist.barrier()
+
+    def work(todo: list[int]) -> int:
+        count = 0
+        for part in map_shards(_moments_fn(vae, spec["flips"]), source, todo, batch, device, workers, read_labels=True):
+            _write_shard(out, images.shards[part.shard], part, spec, images.num_classes)
+            count += len(part.keys)
+        return count
+
+    run_per_shard(len(images.shards), done, work, lambda: _write_manifest(out, images, spec), "encoded")
     return out
-
-
-def latent_set(recipe: Recipe) -> tuple[Path, Manifest]:
-    """The finished latent set of a latent recipe, checked against it: same autoencoder, same
-    images, and flipped copies if diffusion.flip wants them."""
-    out, path = latent_dir(recipe), _autoencoder_path(recipe)
-    try:
-        manifest = Manifest.load(out)
-    except ShardError:
-        raise UserError(f"no finished latent set at {out}: latent diffusion trains on autoencoder moments "
-                        "extracted beforehand; run `dpt-scale encode RECIPE` first") from None
-    made = manifest.meta.get("latent", {})
-    if made.get("identity") != autoencoder_identity(path):
-        raise UserError(f"{out} was encoded with another autoencoder ({made.get('autoencoder')}) than "
-                        f"diffusion.latent.autoencoder={path}; run `dpt-scale encode RECIPE` to encode again")
-    source = Path(recipe.data_root) / "train"
-    if made["source_digest"] != _source_digest(Manifest.load(source)):
-        raise UserError(f"{out} was encoded from other images than those now in {source}; "
-                        "run `dpt-scale encode RECIPE` to encode again")
-    if recipe.diffusion.flip and not made["flips"]:
-        raise UserError(f"{out} has no flipped copies but diffusion.flip is true; "
-                        "run `dpt-scale encode RECIPE` to encode again")
-    return out, manifest
-
-
-def _autoencoder_path(recipe: Recipe) -> Path:
-    path = recipe.diffusion.latent.autoencoder
-    if not path:
-        raise UserError("diffusion.latent.autoencoder is not set: `dpt-scale encode` is for latent recipes; set it "
-                        "to a local diffusers AutoencoderKL directory, or train in pixel space without encoding")
-    return Path(path)
 
 
 def _spec(recipe: Recipe, path: Path, vae: LatentAutoencoder, source: Path, images: Manifest) -> dict:
@@ -131,13 +90,7 @@ def _spec(recipe: Recipe, path: Path, vae: LatentAutoencoder, source: Path, imag
     return {"autoencoder": str(path), "identity": autoencoder_identity(path),
             "scale_factor": vae.vae.config.scaling_factor, "shape": list(vae.latent_shape(size)),
             "flips": recipe.diffusion.flip, "dtype": "float16", "source": str(source),
-            "source_digest": _source_digest(images)}
-
-
-def _source_digest(images: Manifest) -> str:
-    """Names the image set by its shards' names and checksums."""
-    digest = hashlib.sha256("".join(f"{e.name}:{e.sha256}\n" for e in images.shards).encode())
-    return "sha256:" + digest.hexdigest()[:16]
+            "source_digest": source_digest(images)}
 
 
 def _matches(out: Path, spec: dict) -> bool:

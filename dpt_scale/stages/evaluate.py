@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
+from dpt_scale.classification.evaluate import evaluate_weights
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import UserError
+from dpt_scale.layout import CLASSIFIER_STAGES, layout
 from dpt_scale.recipe import Recipe, save_recipe
 from dpt_scale.shards.manifest import MANIFEST
-from dpt_scale.stages.train_classifier import STAGE_DIRS, evaluate
 
 log = logging.getLogger(__name__)
 # What `dpt-scale evaluate` prints per entry (metrics.json has the rest).
@@ -29,15 +29,15 @@ CLASSIFIER_SUMMARY = ("top1", "top5")
 
 def evaluate_run(recipe: Recipe) -> dict:
     rank, _, device = init_distributed()
-    out = Path(recipe.out) / "evaluation"
+    out = layout(recipe).evaluation
     results = {}
-    for stage, sub in STAGE_DIRS.items():
-        weights = Path(recipe.out) / sub / "weights.pt"
+    for stage, sub in CLASSIFIER_STAGES.items():
+        weights = layout(recipe).classifier(stage) / "weights.pt"
         if weights.is_file():
-            report = evaluate(recipe, weights, out / sub, device, title=stage)
+            report = evaluate_weights(recipe, weights, out / sub, device, title=stage)
             if report:
                 results[stage] = {k: report[k] for k in ("top1", "top5", "samples", "per_class")}
-    samples = Path(recipe.out) / "samples"
+    samples = layout(recipe).samples
     if (samples / MANIFEST).is_file():
         from dpt_scale.metrics.generation import generation_metrics
 

@@ -27,6 +27,7 @@ from dpt_scale.classification.evaluate import evaluate_classifier
 from dpt_scale.data.augment import weak
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import UserError, check_writable
+from dpt_scale.layout import layout
 from dpt_scale.metrics.evaluators import trained_evaluator_path
 from dpt_scale.models.classifier import ImageClassifier, load_classifier
 from dpt_scale.recipe import Recipe
@@ -42,7 +43,7 @@ def make_evaluator(recipe: Recipe) -> Path:
 
     cfg = recipe.evaluate.trained
     rank, world, device = init_distributed()
-    train_dir, val_dir = Path(recipe.data_root) / "train", Path(recipe.data_root) / "val"
+    train_dir, val_dir = layout(recipe).train, layout(recipe).val
     manifest = Manifest.load(train_dir)
     if manifest.unlabelled or not sum(manifest.class_histogram):
         raise UserError(f"{train_dir}: {manifest.unlabelled or manifest.num_samples} image(s) carry no label; an "

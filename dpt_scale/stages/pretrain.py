@@ -22,6 +22,7 @@ import torch.distributed as dist
 from dpt_scale.data.importer import check_settings
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import UserError
+from dpt_scale.layout import layout
 from dpt_scale.models.classifier import ImageClassifier, check_model_name, normalisation, pretrain_meta
 from dpt_scale.pretrain import build_method
 from dpt_scale.pretrain.backbone import BACKBONE, pretrain_dir, pretrain_seed, write_backbone
@@ -74,7 +75,7 @@ def pretrain(recipe: Recipe) -> Path:
     cfg = recipe.pretrain
     method = build_method(cfg)
     out = pretrain_dir(recipe)
-    train_dir = Path(recipe.data_root) / "train"
+    train_dir = layout(recipe).train
     manifest = Manifest.load(train_dir)
     check_settings(recipe, train_dir, manifest)
     encoder = encoder_settings(recipe, manifest, train_dir)
@@ -92,7 +93,7 @@ def pretrain(recipe: Recipe) -> Path:
         return PretrainNet(backbone, method.head(backbone.net.num_features))
 
     seed = pretrain_seed(recipe)
-    knn = KNNMonitor(cfg.knn, Path(recipe.data_root) / "val", lambda: ImageClassifier(**encoder), out / "knn.jsonl",
+    knn = KNNMonitor(cfg.knn, layout(recipe).val, lambda: ImageClassifier(**encoder), out / "knn.jsonl",
                      recipe.classifier.pseudo_label.batch, recipe.classifier.pseudo_label.workers)
     trainer = Trainer(cfg.train, out, model_fn=model_fn, loss_fn=method.loss, seed=seed,
                       export_extra={"kind": "pretrain", "settings": encoder, "method": cfg.method},

@@ -9,10 +9,8 @@ the confidence histogram, the stage-2 selection and (evaluation only) agreement 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-import torch.distributed as dist
 
 from dpt_scale.classification.inference import map_shards
 from dpt_scale.classification.pseudo_labels import FORMAT, MANIFEST, read_sidecar, summarise, write_sidecar
@@ -20,9 +18,11 @@ from dpt_scale.data.subset import read_labels
 from dpt_scale.distributed import init_distributed
 from dpt_scale.engine.export import weights_identity
 from dpt_scale.errors import UserError
+from dpt_scale.layout import layout
 from dpt_scale.models.classifier import load_classifier
 from dpt_scale.recipe import Recipe, save_recipe
 from dpt_scale.shards.manifest import Manifest, write_json
+from dpt_scale.shards.per_shard import run_per_shard
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 def pseudo_label(recipe: Recipe) -> Path:
     rank, world, device = init_distributed()
     cfg = recipe.classifier.pseudo_label
-    train_dir = Path(recipe.data_root) / "train"
-    weights = Path(recipe.out) / "classifier" / "weights.pt"
-    out = Path(recipe.out) / "pseudo_labels"
+    train_dir = layout(recipe).train
+    weights = layout(recipe).classifier() / "weights.pt"
+    out = layout(recipe).pseudo_labels
     manifest = Manifest.load(train_dir)
     model = load_classifier(weights, device=device)
     identity = weights_identity(weights)  # which classifier a sidecar came from
@@ -46,22 +46,16 @@ def pseudo_label(recipe: Recipe) -> Path:
         side = read_sidecar(out, entry.name)
         return side is not None and side["sha256"] == entry.sha256 and side["classifier"] == identity
 
-    mine = [i for i in range(rank, len(manifest.shards), world)]
-    todo = [i for i in mine if not done(i)]
-    if len(todo) < len(mine):
-        log.info(f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} shard(s) already labelled; resuming")
-    start, images = time.perf_counter(), 0
-    for pred in map_shards(lambda x: model(x).float().softmax(1), train_dir, todo, cfg.batch, device, cfg.workers):
-        entry = manifest.shards[pred.shard]
-        write_sidecar(out, entry.name, entry.sha256, identity, pred.keys, pred.outputs)
-        images += len(pred.keys)
-    if images:
-        log.info(f"rank {rank}: {images} images in {time.perf_counter() - start:.1f}s "
-                 f"({images / (time.perf_counter() - start):.0f} images/s)")
-    dist.barrier()
-    if rank == 0:
-        _write_manifest(recipe, manifest, train_dir, out, identity)
-    dist.barrier()
+    def work(todo: list[int]) -> int:
+        images = 0
+        for pred in map_shards(lambda x: model(x).float().softmax(1), train_dir, todo, cfg.batch, device, cfg.workers):
+            entry = manifest.shards[pred.shard]
+            write_sidecar(out, entry.name, entry.sha256, identity, pred.keys, pred.outputs)
+            images += len(pred.keys)
+        return images
+
+    run_per_shard(len(manifest.shards), done, work, lambda: _write_manifest(recipe, manifest, train_dir, out, identity),
+                  "labelled")
     return out
 
 

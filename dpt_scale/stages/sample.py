@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from dpt_scale.diffusion.export import load_diffusion
 from dpt_scale.diffusion.schedules import build_schedule
 from dpt_scale.diffusion.sampling import sample as run_solver
 from dpt_scale.diffusion.sampling import to_uint8
@@ -28,21 +29,21 @@ from dpt_scale.engine.export import weights_identity
 from dpt_scale.errors import UserError
 from dpt_scale.generation.plan import GenerationPlan
 from dpt_scale.generation.writer import BackgroundShardWriter
+from dpt_scale.layout import layout
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import ShardEntry, write_json
+from dpt_scale.shards.per_shard import PROGRESS, run_per_shard
 from dpt_scale.shards.writer import TMP_SUFFIX, SetStats
-from dpt_scale.stages.train_diffusion import load_diffusion
 
 log = logging.getLogger(__name__)
-PROGRESS = ".progress"  # one record per finished shard: its manifest entry and class histogram
 SETTINGS = "generation.json"
 
 
 def sample(recipe: Recipe) -> Path:
     rank, world, device = init_distributed()
     cfg = recipe.sample
-    out = Path(recipe.out) / "samples"
-    weights = Path(cfg.checkpoint or Path(recipe.out) / "diffusion" / "weights.pt")
+    out = layout(recipe).samples
+    weights = Path(cfg.checkpoint or layout(recipe).diffusion / "weights.pt")
     model, payload = load_diffusion(recipe, weights, device)
     if cfg.precision == "bf16":
         model = model.to(torch.bfloat16)  # the solver casts its input to the weights' type
@@ -54,45 +55,45 @@ def sample(recipe: Recipe) -> Path:
                   "class_weights": plan.class_weights, "solver": cfg.solver, "steps": cfg.steps,
                   "guidance": cfg.guidance, "batch": cfg.batch, "shard_samples": cfg.shard_samples,
                   "format": cfg.format, "quality": cfg.quality}
-    if cfg.precision != "fp32":  # (absent for fp32, so that sets made before the key resume)
+    if cfg.precision != "fp32":  # absent for fp32: a set written by an fp32 run stays resumable as it was
         generation["precision"] = cfg.precision
     generation = json.loads(json.dumps(generation))  # as it reads back from generation.json (tuples -> lists)
     _claim(out, generation, rank)
     schedule = build_schedule(payload["schedule"])
     meta = {k: generation[k] for k in ("seed", "solver", "steps", "guidance", "checkpoint")}
 
-    todo = [s for s in range(rank, plan.shards, world) if not _done(out, s)]
-    mine = sum(len(plan.shard_indices(s)) for s in range(rank, plan.shards, world))
-    left = sum(len(plan.shard_indices(s)) for s in todo)
-    if left < mine:
-        log.info(f"rank {rank}: {mine - left} of {mine} images already generated; resuming")
-    bar = tqdm(total=left, unit="img", desc=f"sample (rank 0 of {world})", smoothing=0.05,
-               disable=rank != 0 or not logging.getLogger().isEnabledFor(logging.INFO))  # -q: no bar
-    with BackgroundShardWriter(out, cfg.format, cfg.quality, cfg.encode_threads) as writer:
-        for s in todo:
-            histogram = [0] * len(classes)
-            for indices in plan.batches(s):
-                labels, noise, generators = plan.draw(indices, shape)
-                x = run_solver(model, schedule, labels.to(device), shape, cfg.steps, cfg.guidance,
-                               null_class=len(classes), noise=noise.to(device), solver=cfg.solver,
-                               generators=generators, prediction=payload.get("prediction", "epsilon"))
-                if decoder is not None:
-                    x = decoder(x)
-                images = to_uint8(x).cpu()
-                writer.put(_shard_name(s), [{"__key__": f"g{i:09d}", "cls": c, "json": {**meta, "index": i}}
-                                            for i, c in zip(indices, labels.tolist())],
-                           images.permute(0, 2, 3, 1).numpy())
-                for c in labels.tolist():
-                    histogram[c] += 1
-                bar.update(len(indices))
-            record = {"histogram": histogram, "image_shape": list(images.shape[1:])}
-            writer.end_shard(_shard_name(s), lambda entry, record=record: write_json(
-                out / PROGRESS / f"{entry.name}.json", {"entry": entry.__dict__, **record}))
-    bar.close()
-    dist.barrier()
-    if rank == 0:
-        _write_manifest(out, plan, classes, generation)
-    dist.barrier()
+    def work(todo: list[int]) -> int:
+        left = sum(len(plan.shard_indices(s)) for s in todo)
+        bar = tqdm(total=left, unit="img", desc=f"sample (rank 0 of {world})", smoothing=0.05,
+                   disable=rank != 0 or not logging.getLogger().isEnabledFor(logging.INFO))  # -q: no bar
+        with BackgroundShardWriter(out, cfg.format, cfg.quality, cfg.encode_threads) as writer:
+            for s in todo:
+                _generate_shard(s, writer, bar)
+        bar.close()
+        return left
+
+    def _generate_shard(s: int, writer: BackgroundShardWriter, bar) -> None:
+        histogram = [0] * len(classes)
+        for indices in plan.batches(s):
+            labels, noise, generators = plan.draw(indices, shape)
+            x = run_solver(model, schedule, labels.to(device), shape, cfg.steps, cfg.guidance,
+                           null_class=len(classes), noise=noise.to(device), solver=cfg.solver,
+                           generators=generators, prediction=payload.get("prediction", "epsilon"))
+            if decoder is not None:
+                x = decoder(x)
+            images = to_uint8(x).cpu()
+            writer.put(_shard_name(s), [{"__key__": f"g{i:09d}", "cls": c, "json": {**meta, "index": i}}
+                                        for i, c in zip(indices, labels.tolist())],
+                       images.permute(0, 2, 3, 1).numpy())
+            for c in labels.tolist():
+                histogram[c] += 1
+            bar.update(len(indices))
+        record = {"histogram": histogram, "image_shape": list(images.shape[1:])}
+        writer.end_shard(_shard_name(s), lambda entry: write_json(
+            out / PROGRESS / f"{entry.name}.json", {"entry": entry.__dict__, **record}))
+
+    run_per_shard(plan.shards, lambda s: _done(out, s), work, lambda: _write_manifest(out, plan, classes, generation),
+                  "generated", size=lambda s: len(plan.shard_indices(s)), unit="images")
     return out
 
 
@@ -100,7 +101,7 @@ def _plan(recipe: Recipe, num_classes: int) -> GenerationPlan:
     cfg = recipe.sample
     weights = None
     if cfg.total is not None and cfg.class_distribution == "pseudo_labels":
-        path = Path(recipe.out) / "pseudo_labels" / "manifest.json"
+        path = layout(recipe).pseudo_labels / "manifest.json"
         if not path.is_file():
             raise UserError(f"sample.class_distribution=pseudo_labels needs {path}; run `dpt-scale pseudo-label` "
                             "first or use class_distribution=uniform")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dpt_scale.classification import METHODS
-from dpt_scale.classification.evaluate import evaluate_classifier, save_confusion_png
+from dpt_scale.classification.evaluate import evaluate_weights
 from dpt_scale.classification.mixture import BankSource, Mixture, ShardSource
 from dpt_scale.data.augment import weak, weak_and_strong
 from dpt_scale.data.importer import check_settings
@@ -27,24 +27,24 @@ from dpt_scale.data.labelled import LabelledBank
 from dpt_scale.data.subset import make_subset, read_labels, subset_path
 from dpt_scale.distributed import init_distributed, rank_and_world
 from dpt_scale.errors import UserError
-from dpt_scale.models.classifier import ImageClassifier, load_classifier, normalisation
+from dpt_scale.layout import layout
+from dpt_scale.models.classifier import ImageClassifier, normalisation
 from dpt_scale.pretrain.backbone import pretrained_file
 from dpt_scale.recipe import Recipe, save_recipe
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
 
 log = logging.getLogger(__name__)
-STAGE_DIRS = {"stage1": "classifier", "retrain": "retrain"}
 
 
 def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
     from dpt_scale.engine.trainer import Trainer
 
     init_distributed()  # stage 4 may write a set on rank 0 while the others wait
-    cfg, out = recipe.classifier, Path(recipe.out) / STAGE_DIRS[stage]
+    cfg, out = recipe.classifier, layout(recipe).classifier(stage)
     method = METHODS[cfg.method](cfg)
     train_cfg = (cfg.retrain.train or cfg.train) if stage == "retrain" else cfg.train
-    train_dir = Path(recipe.data_root) / "train"
+    train_dir = layout(recipe).train
     manifest = Manifest.load(train_dir)
     size = manifest.square_size(train_dir, "classifier training")
     check_settings(recipe, train_dir, manifest)
@@ -83,33 +83,14 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
     if trainer.rank == 0:  # after the loaders, which refuse sets too small for the batch
         save_recipe(recipe, out / "recipe.yaml")
     weights = trainer.fit(mixture)
-    report = evaluate(recipe, weights, out, trainer.device, title=f"{stage} ({cfg.method})")
+    report = evaluate_weights(recipe, weights, out, trainer.device, title=f"{stage} ({cfg.method})")
     if report and trainer.rank == 0 and stage == "retrain":
-        first = out.parent / STAGE_DIRS["stage1"] / "eval.json"
+        first = layout(recipe).classifier("stage1") / "eval.json"
         if first.is_file():
             report["stage1_top1"] = json.loads(first.read_text())["top1"]
             (out / "eval.json").write_text(json.dumps(report, indent=1))
             log.info(f"top-1: stage 4 {report['top1']:.4f}, stage 1 {report['stage1_top1']:.4f}")
     return weights
-
-
-def evaluate(recipe: Recipe, weights: Path, out: Path, device, title: str) -> dict | None:
-    """Top-1/top-5/per-class/confusion of the EMA weights on the validation shards, if there are any."""
-    val = Path(recipe.data_root) / "val"
-    if not (val / "manifest.json").is_file():
-        log.warning(f"no validation shards at {val}: skipping evaluation")
-        return None
-    model = load_classifier(weights, device=device)
-    report = evaluate_classifier(model, val, recipe.classifier.pseudo_label.batch, device,
-                                 recipe.classifier.pseudo_label.workers)
-    if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
-        save_confusion_png(report["confusion"], Manifest.load(val).classes, out / "confusion.png",
-                           f"{recipe.name} {title}: top-1 {report['top1']:.3f}")
-        log.info(f"{title}: top-1 {report['top1']:.4f}, top-5 {report['top5']:.4f} on {report['samples']} "
-                 f"validation images")
-    return report
 
 
 def _features(recipe: Recipe, build, pretrained: str, bank: LabelledBank, pseudo: list,
@@ -144,7 +125,7 @@ def _pseudo_sets(recipe: Recipe, manifest: Manifest, size: int, labelled: list[s
                             "classifier.retrain.pseudo empty, or set classifier.retrain.source=generated")
         paths = [_self_training_set(recipe, labelled, out)]
     else:
-        paths = [Path(p) for p in cfg.pseudo] or [Path(recipe.out) / "samples"]
+        paths = [Path(p) for p in cfg.pseudo] or [layout(recipe).samples]
         if not cfg.pseudo and not (paths[0] / "manifest.json").is_file():
             raise UserError(f"no pseudo images at {paths[0]}: run `dpt-scale sample` (stage 3) first, or name "
                             "pseudo-image shard sets in classifier.retrain.pseudo")
@@ -186,7 +167,7 @@ def _self_training_set(recipe: Recipe, labelled: list[str], out: Path) -> Path:
     from dpt_scale.classification.selection import copy_chosen, most_confident_per_class
 
     k = recipe.classifier.retrain.per_class or recipe.sample.per_class
-    pseudo_labels = Path(recipe.out) / "pseudo_labels"
+    pseudo_labels = layout(recipe).pseudo_labels
     copy = out / "self_training"
     identity = json.loads((pseudo_labels / "manifest.json").read_text())["classifier"] \
         if (pseudo_labels / "manifest.json").is_file() else None
@@ -194,8 +175,8 @@ def _self_training_set(recipe: Recipe, labelled: list[str], out: Path) -> Path:
 
     def make():
         chosen = most_confident_per_class(pseudo_labels, k, set(labelled))
-        made = copy_chosen(Path(recipe.data_root) / "train", copy, chosen, meta)
-        truth = read_labels(Path(recipe.data_root) / "train")  # evaluation only: how right the chosen labels are
+        made = copy_chosen(layout(recipe).train, copy, chosen, meta)
+        truth = read_labels(layout(recipe).train)  # evaluation only: how right the chosen labels are
         right = sum(truth.get(key) == label for key, label in chosen.items())
         log.info(f"self-training: {len(chosen)} real images, {k} per pseudo-class at most; their pseudo-labels "
                  f"agree with the hidden true labels on {right / max(len(chosen), 1):.4f} (evaluation only)")
