@@ -99,3 +99,31 @@ def test_cli_prints_and_saves_the_resolved_recipe(tmp_path):
     assert printed == saved
     assert saved["name"] == "demo" and saved["data"]["shard_samples"] == 4000
     assert saved["data"]["format"] == "webp" and saved["data"]["root"] == str(out)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("sample.guidance=.nan", "'sample.guidance' must be a finite number"),
+    ("diffusion.train.lr=.inf", "'diffusion.train.lr' must be a finite number"),
+    ("diffusion.train.betas=[2.0, 0.5]", "'diffusion.train.betas[0]' must be below 1.0"),
+    ("diffusion.train.betas=[0.9]", "'diffusion.train.betas' takes exactly 2 values"),
+    ("out=", "'out' must not be empty"),
+    ("classifier.retrain.pseudo_fraction=[0.6, 0.6]", "add up to 1.2, more than 1.0"),
+])
+def test_values_outside_a_key_rules_are_refused(override, fragment):
+    with pytest.raises(RecipeError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(None, [override])
+
+
+def test_a_float_yaml_reads_as_text_takes_the_key_type():
+    assert load_recipe(None, ["diffusion.train.lr=2e-3"]).diffusion.train.lr == 0.002
+
+
+def test_recipe_files_are_read_strictly(tmp_path):
+    twice = write(tmp_path / "twice.yaml", "name: x\nsample: {steps: 3}\nseed: 1\nsample:\n  guidance: 2\n")
+    with pytest.raises(RecipeError, match="key 'sample' is given twice \\(lines 2 and 4\\)"):
+        load_recipe(twice)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8 text \\(byte 0xe9 at offset 9\\)"):
+        load_recipe(latin)
+    assert load_recipe(write(tmp_path / "e.yaml", "diffusion:\n  train:\n    lr: 2e-3\n")).diffusion.train.lr == 0.002

@@ -157,3 +157,18 @@ def test_the_manifest_index_lets_readers_start_inside_a_shard(tmp_path):
         seek = m.seek(0, start)
         assert seek[0] <= start and seek[0] % 64 == 0
         assert list(iter_samples(shard, start, start + 5, seek=seek)) == everything[start:start + 5]
+
+
+def test_written_json_holds_no_nan_or_infinity(tmp_path, caplog):
+    """NaN and Infinity are not JSON: a figure that could not be computed is written as null, with
+    a warning naming it."""
+    import json
+
+    from dpt_scale.shards.manifest import write_json
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    path = write_json(tmp_path / "m.json", {"fid": float("nan"), "per_class": [0.5, float("inf")], "top1": 0.9})
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"fid": None, "per_class": [0.5, None], "top1": 0.9}
+    assert "fid is nan, written as null" in caplog.text and "per_class[1] is inf" in caplog.text

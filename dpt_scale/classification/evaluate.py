@@ -2,13 +2,13 @@
 Every rank scores its whole shards; the counts are summed across ranks."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from dpt_scale import jsonsafe
 from dpt_scale.classification.inference import map_shards
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError
@@ -88,7 +88,7 @@ def evaluate_weights(recipe: Recipe, weights: Path, out: Path, device, title: st
                                  recipe.classifier.pseudo_label.workers)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        (out / "eval.json").write_text(jsonsafe.dumps(report, "eval.json", indent=1))
         save_confusion_png(report["confusion"], Manifest.load(val).classes, out / "confusion.png",
                            f"{recipe.name} {title}: top-1 {report['top1']:.3f}")
         log.info(f"{title}: top-1 {report['top1']:.4f}, top-5 {report['top5']:.4f} on {report['samples']} "

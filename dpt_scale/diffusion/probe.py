@@ -4,7 +4,6 @@ in-training FID (+ conditional accuracy) of unguided EMA samples appended to fid
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
 
+from dpt_scale import jsonsafe
 from dpt_scale.diffusion.autoencoder import LatentAutoencoder
 from dpt_scale.diffusion.sampling import sample, to_uint8
 from dpt_scale.metrics.generation import image_metrics, reference_for
@@ -73,7 +73,7 @@ class DiffusionProbe:
                 metrics = image_metrics(evaluator, features, images, labels, self.classes,
                                         self.recipe.evaluate.kid_subset_size, self.recipe.evaluate.batch)
                 with open(self.out / "fid.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+                    f.write(jsonsafe.dumps({"step": step, **metrics}, "fid.jsonl") + "\n")
                 log.info(f"step {step}: in-training FID {metrics['fid']:.3f} ({fid_samples} unguided EMA samples), "
                          f"conditional accuracy {metrics['conditional_accuracy']}")
         dist.barrier()

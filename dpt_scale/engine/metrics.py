@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dpt_scale import jsonsafe
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,7 +35,7 @@ class Metrics:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(jsonsafe.dumps({"step": step, **values}, str(self.path)) + "\n")
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, step)

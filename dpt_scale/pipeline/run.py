@@ -21,6 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 import yaml
 
+from dpt_scale import jsonsafe
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError, check_writable
 from dpt_scale.layout import layout
@@ -202,4 +203,4 @@ def _barrier(world: int) -> None:
 
 
 def _jsonable(result):
-    return json.loads(json.dumps(result, default=str))
+    return json.loads(jsonsafe.dumps(result, "stage marker", default=str))

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import operator
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +23,7 @@ from dpt_scale.errors import RecipeError
 from dpt_scale.recipe.schema import Recipe
 
 BASE_KEY = "base"  # a recipe may name a base recipe (path relative to itself) that it overrides
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (),
@@ -31,7 +35,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: typing.Sequenc
         layers.append((_check(Recipe, _nest(key, value), flag), flag))
     for item in overrides:
         key, value = _split_override(item)
-        layers.append((_check(Recipe, _nest(key, value), f"--set {item}"), f"--set {item}"))
+        where = f"--set {item}" if item.isprintable() else f"--set {item!r}"  # an error stays one line
+        layers.append((_check(Recipe, _nest(key, value), where), where))
     merged: dict = {}
     for layer, _ in layers:
         _merge(merged, layer)
@@ -74,8 +79,17 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[dict, str]]:
                           + "; check the path (the shipped recipes are in recipes/)")
     if path.resolve() in seen:
         raise RecipeError(f"recipe {path}: base recipes form a cycle ({' -> '.join(map(str, seen))} -> {path})")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as exc:
+        raise RecipeError(f"recipe {path}: key '{exc.key}' is given twice (lines {exc.first} and {exc.second}); "
+                          "keep one (a second block would silently replace the first)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -93,10 +107,32 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[dict, str]]:
     return chain + [(_check(Recipe, data, f"recipe {path}"), f"recipe {path}")]
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key repeated in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            lines = {}
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in lines and key != "<<":
+                    raise _DuplicateKey(key, lines[key], key_node.start_mark.line + 1)
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _split_override(item: str) -> tuple[str, Any]:
     key, eq, raw = item.partition("=")
-    if not eq or not key.strip():
-        raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. --set data.image_size=64")
+    if not eq or not key.strip() or not key.isprintable():
+        shown = item if item.isprintable() else repr(item)
+        raise RecipeError(f"--set {shown}: expected KEY=VALUE, e.g. --set data.image_size=64")
     key = key.strip()
     target = _type_at(Recipe, key.split("."))
     if target is not None and _accepts_str(target) and not _accepts_none(target):
@@ -145,13 +181,20 @@ def _coerce(tp: Any, value: Any, meta: typing.Mapping, where: str, path: str) ->
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: '{path}' expects a list, got {value!r} ({type(value).__name__})")
-        return [_coerce(args[0], v, {}, where, f"{path}[{i}]") for i, v in enumerate(value)]
+        if "length" in meta and len(value) != meta["length"]:
+            raise RecipeError(f"{where}: '{path}' takes exactly {meta['length']} values, got {len(value)}: {value!r}")
+        items = [_coerce(args[0], v, meta.get("items", {}), where, f"{path}[{i}]") for i, v in enumerate(value)]
+        if "sum_max" in meta and sum(items) > meta["sum_max"]:
+            raise RecipeError(f"{where}: the values of '{path}' add up to {sum(items):g}, more than {meta['sum_max']}")
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: '{path}' expects a mapping, got {value!r}")
         return value
     if tp is Any:
         return value
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; the field says it is a number
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -163,10 +206,14 @@ def _coerce(tp: Any, value: Any, meta: typing.Mapping, where: str, path: str) ->
     if not ok:
         raise RecipeError(f"{where}: '{path}' expects {tp.__name__}, got {value!r} ({type(value).__name__})")
     value = float(value) if tp is float else value
-    if "min" in meta and value < meta["min"]:
-        raise RecipeError(f"{where}: '{path}' must be at least {meta['min']}, got {value!r}")
-    if "max" in meta and value > meta["max"]:
-        raise RecipeError(f"{where}: '{path}' must be at most {meta['max']}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise RecipeError(f"{where}: '{path}' must be a finite number, got {value!r}")
+    if tp is str and meta.get("nonempty") and not value.strip():
+        raise RecipeError(f"{where}: '{path}' must not be empty")
+    for bound, holds, says in (("min", operator.ge, "at least"), ("max", operator.le, "at most"),
+                               ("above", operator.gt, "above"), ("below", operator.lt, "below")):
+        if bound in meta and not holds(value, meta[bound]):
+            raise RecipeError(f"{where}: '{path}' must be {says} {meta[bound]}, got {value!r}")
     return value
 
 

@@ -1,7 +1,9 @@
 """The recipe schema: every key a recipe may hold, with its type and default.
 
-A recipe is YAML; `dpt_scale.recipe.load` checks it against these dataclasses. A key's
-`metadata` may carry bounds ("min", "max") that the loader enforces. Relative paths are taken
+A recipe is YAML; `dpt_scale.recipe.load` checks it against these dataclasses. Every float must be
+finite. A key's `metadata` may carry rules the loader enforces: bounds ("min", "max" inclusive,
+"above", "below" exclusive), "nonempty" for strings, and for lists "length", "sum_max" and
+"items" (the rules of each value). Relative paths are taken
 from the directory the command runs in.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 MiB = 2**20
+NONEMPTY = {"nonempty": True}
 
 
 def positive(default, **extra):
@@ -42,10 +45,12 @@ class Data:
     """Where images come from (`data import`) and where their shards live."""
 
     source: Literal["mnist", "imagefolder", "idx"] = "mnist"
-    paths: list[str] = field(default_factory=list)  # imagefolder: [ROOT]; idx: [IMAGES, LABELS]
-    val_paths: list[str] = field(default_factory=list)  # same form, for the validation split
+    # imagefolder: [ROOT]; idx: [IMAGES, LABELS]
+    paths: list[str] = field(default_factory=list, metadata={"items": NONEMPTY})
+    val_paths: list[str] = field(default_factory=list, metadata={"items": NONEMPTY})  # same form, for validation
     val_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})
-    root: str | None = None  # shard sets go to ROOT/train and ROOT/val; default <out>/data
+    # shard sets go to ROOT/train and ROOT/val; default <out>/data
+    root: str | None = field(default=None, metadata=NONEMPTY)
     image_size: int | None = field(default=None, metadata={"min": 1})  # resize + centre crop
     channels: Literal[1, 3] | None = None  # default: what the source has (1 for MNIST, else 3)
     format: Literal["png", "jpg", "webp"] = "png"
@@ -68,7 +73,8 @@ class Train:
     global_batch: int | None = field(default=None, metadata={"min": 1})  # checked: micro x accum x ranks
     lr: float = field(default=2e-4, metadata={"min": 0.0})
     weight_decay: float = field(default=0.03, metadata={"min": 0.0})
-    betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
+    betas: list[float] = field(default_factory=lambda: [0.99, 0.99],
+                               metadata={"length": 2, "items": {"min": 0.0, "below": 1.0}})
     warmup_steps: int = field(default=0, metadata={"min": 0})
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after the warm-up
     grad_clip: float = field(default=0.0, metadata={"min": 0.0})  # 0: no clipping
@@ -137,7 +143,7 @@ class ClassifierModel:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # Pixel normalisation, per channel: default the pretrained weights' own, else 0.5 / 0.5.
     mean: list[float] | None = None
-    std: list[float] | None = None
+    std: list[float] | None = field(default=None, metadata={"items": {"above": 0.0}})
 
 
 @dataclass
@@ -185,7 +191,8 @@ class Retrain:
     per_class: int | None = field(default=None, metadata={"min": 1})
     pseudo: list[str] = field(default_factory=list)  # shard sets of pseudo images; default [<out>/samples]
     # Share of each labelled micro-batch that comes from each pseudo set (the rest: real labelled images).
-    pseudo_fraction: list[float] = field(default_factory=lambda: [0.5])
+    pseudo_fraction: list[float] = field(default_factory=lambda: [0.5],
+                                         metadata={"items": {"min": 0.0}, "sum_max": 1.0})
     train: Train | None = None  # default: the stage-1 settings
 
 
@@ -209,7 +216,7 @@ class PretrainAugment:
     drawn per image on the device (pretrain/augment.py)."""
 
     # Side scale factor, drawn in [min, max]: above 1 zooms in (a crop), below 1 zooms out.
-    zoom: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    zoom: list[float] = field(default_factory=lambda: [0.8, 1.2], metadata={"length": 2, "items": {"above": 0.0}})
     rotate: float = field(default=15.0, metadata={"min": 0.0, "max": 180.0})  # degrees, either way
     translate: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})  # of the side, either way
     shear: float = field(default=10.0, metadata={"min": 0.0, "max": 45.0})  # degrees, either way
@@ -223,7 +230,8 @@ class PretrainAugment:
 @dataclass
 class SimCLR:
     temperature: float = field(default=0.5, metadata={"min": 1e-3})
-    projection: list[int] = field(default_factory=lambda: [256, 128])  # hidden and output widths
+    # hidden and output widths
+    projection: list[int] = field(default_factory=lambda: [256, 128], metadata={"items": {"min": 1}})
 
 
 @dataclass
@@ -234,7 +242,8 @@ class MSN:
     mask_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.95})  # patch tokens dropped
     anchors: int = positive(2)  # masked anchor views per image
     prototypes: int = positive(256)
-    projection: list[int] = field(default_factory=lambda: [512, 128])  # hidden and output widths
+    # hidden and output widths
+    projection: list[int] = field(default_factory=lambda: [512, 128], metadata={"items": {"min": 1}})
     anchor_temperature: float = field(default=0.1, metadata={"min": 1e-3})
     target_temperature: float = field(default=0.025, metadata={"min": 1e-3})
     me_max: float = field(default=1.0, metadata={"min": 0.0})  # weight of mean-entropy maximisation
@@ -343,8 +352,8 @@ class Study:
 
 @dataclass
 class Recipe:
-    name: str = "dpt"
-    out: str = "runs/dpt"  # every output of the run lives under this directory
+    name: str = field(default="dpt", metadata=NONEMPTY)
+    out: str = field(default="runs/dpt", metadata=NONEMPTY)  # every output of the run lives under this directory
     seed: int = 0
     data: Data = field(default_factory=Data)
     pretrain: Pretrain = field(default_factory=Pretrain)

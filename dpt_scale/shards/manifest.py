@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpt_scale import jsonsafe
 from dpt_scale.errors import ShardError
 
 MANIFEST = "manifest.json"
@@ -111,7 +112,7 @@ def write_json(path: str | os.PathLike, data, indent: int | None = None) -> Path
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=indent)
+        f.write(jsonsafe.dumps(data, str(path), indent=indent))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

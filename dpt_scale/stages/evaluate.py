@@ -11,9 +11,9 @@ with the features of `evaluate.evaluator` (dpt_scale.metrics). Everything lands 
 """
 from __future__ import annotations
 
-import json
 import logging
 
+from dpt_scale import jsonsafe
 from dpt_scale.classification.evaluate import evaluate_weights
 from dpt_scale.distributed import init_distributed
 from dpt_scale.errors import UserError
@@ -48,7 +48,7 @@ def evaluate_run(recipe: Recipe) -> dict:
                         "first)")
     if rank == 0:
         save_recipe(recipe, out / "recipe.yaml")
-        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        (out / "metrics.json").write_text(jsonsafe.dumps(results, "metrics.json", indent=1))
     return results
 
 

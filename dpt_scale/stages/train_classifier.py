@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from dpt_scale import jsonsafe
 from dpt_scale.classification import METHODS
 from dpt_scale.classification.evaluate import evaluate_weights
 from dpt_scale.classification.mixture import BankSource, Mixture, ShardSource
@@ -88,7 +89,7 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
         first = layout(recipe).classifier("stage1") / "eval.json"
         if first.is_file():
             report["stage1_top1"] = json.loads(first.read_text())["top1"]
-            (out / "eval.json").write_text(json.dumps(report, indent=1))
+            (out / "eval.json").write_text(jsonsafe.dumps(report, "eval.json", indent=1))
             log.info(f"top-1: stage 4 {report['top1']:.4f}, stage 1 {report['stage1_top1']:.4f}")
     return weights
 
