@@ -204,7 +204,8 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
                 np.asarray(img.convert("L" if channels == 1 else "RGB"))
 
     def tv_public(part):
-        from torchvision.io import ImageReadMode, decode_image as tv_decode
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_image as tv_decode
         for b in part:
             tv_decode(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode[mode])
 
@@ -270,8 +271,10 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
             rates[ref].append(a)
             rates[key].append(b)
             pairs[key].append(b / a)
-    tar_parse = statistics.median(n / timed(lambda: sum(1 for e in manifest.shards for _ in iter_samples(shards / e.name)))
-                                  for _ in range(3))
+    def parse_all() -> int:
+        return sum(1 for e in manifest.shards for _ in iter_samples(shards / e.name))
+
+    tar_parse = statistics.median(n / timed(parse_all) for _ in range(3))
     startup = {key: round(s.startup * 1e3, 1) for key, s in sources.items()
                if isinstance(s, Batches) and not key.startswith("decode")}
     for s in sources.values():

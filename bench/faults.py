@@ -112,7 +112,8 @@ def sampler_shards(out: Path, ref: Path) -> str | None:
 def pipeline(out: Path, ref: Path) -> str | None:
     headline = [json.loads((o / "report.json").read_text())["headline"] for o in (out, ref)]
     return (sampler_shards(out, ref) or training("classifier")(out, ref) or training("diffusion")(out, ref)
-            or training("retrain")(out, ref) or same_files(out / "pseudo_labels", ref / "pseudo_labels", "*.labels.json")
+            or training("retrain")(out, ref)
+            or same_files(out / "pseudo_labels", ref / "pseudo_labels", "*.labels.json")
             or (None if headline[0] == headline[1] else "report headline differs"))
 
 
@@ -266,7 +267,8 @@ def full_disk(ref: Path, work: Path) -> list[dict]:
             disk.grow("256m")
             second = _run_plain(args, out, sets, log)
             problem = check(out, ref) or leftovers(out)
-            ok = first != 0 and ("No space left" in message or "disk is full" in message) and second == 0 and problem is None \
+            full = "No space left" in message or "disk is full" in message
+            ok = first != 0 and full and second == 0 and problem is None \
                 and "Traceback" not in log.read_text(errors="replace")
             rows.append({"fault": f"disk full ({size})", "command": command, "pass": ok,
                          "detail": f"exit {first}: {message}; after freeing space: exit {second}, "
@@ -345,7 +347,8 @@ def _torchrun_summary(log: Path) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    table = ["| fault | command | kill points (progress at kill) | result | detail |", "| --- | --- | --- | --- | --- |"]
+    table = ["| fault | command | kill points (progress at kill) | result | detail |",
+             "| --- | --- | --- | --- | --- |"]
     for row in rows:
         points = ", ".join(str(k["progress"]) for k in row.get("kills", [])) or "—"
         result = {True: "pass", False: "**FAIL**", None: "skipped"}[row["pass"]]

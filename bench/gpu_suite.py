@@ -181,7 +181,8 @@ def run_sample(cfg: dict, device: torch.device, autoencoder: Path | None, note: 
     batches = {name: [(labels[:b], noise[:b])] for name, _, b in cfg["configs"]}
 
     def once(name: str, steps: int) -> dict:
-        return model_loop(models[name], schedule, batches[name], cfg["latent"], steps, cfg["guidance"],
+        model = models[name]  # noqa: F821 (freed by `del` below, after its last call)
+        return model_loop(model, schedule, batches[name], cfg["latent"], steps, cfg["guidance"],
                           cfg["classes"], device, decode)
 
     names = [name for name, _, _ in cfg["configs"]]

@@ -32,9 +32,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
+from dpt_scale.models.classifier import ImageClassifier  # noqa: E402
 from dpt_scale.pretrain import build_method  # noqa: E402
 from dpt_scale.pretrain.net import PretrainNet  # noqa: E402
-from dpt_scale.models.classifier import ImageClassifier  # noqa: E402
 from dpt_scale.recipe import load_recipe  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402

@@ -111,8 +111,8 @@ def _sync(device: torch.device) -> None:
 
 
 def throughput(args) -> dict:
-    from dpt_scale.stages.sample import sample
     from dpt_scale.diffusion.export import load_diffusion
+    from dpt_scale.stages.sample import sample
 
     device = torch.device("cuda" if args.gpu else "cpu")
     root = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
@@ -158,8 +158,8 @@ def memory(args) -> dict:
     out = {}
     for n in (args.small, args.large):
         shutil.rmtree(root / "run", ignore_errors=True)
-        result = subprocess.run([sys.executable, "-c", probe, "-q", "sample", str(recipe), "--set", f"sample.total={n}"],
-                                capture_output=True, text=True)
+        command = [sys.executable, "-c", probe, "-q", "sample", str(recipe), "--set", f"sample.total={n}"]
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise SystemExit(result.stderr[-3000:])
         _, kib, seconds = next(l for l in result.stdout.splitlines() if l.startswith("PEAK")).split()
@@ -182,7 +182,8 @@ def quality(args) -> dict:
         recipe = load_recipe(args.recipe, [*args.set, f"out={root / config.replace(':', '-')}",
                                            f"data.root={base.data_root}",
                                            f"sample.checkpoint={Path(base.out) / 'diffusion' / 'weights.pt'}",
-                                           f"evaluate.reference={base.evaluate.reference or Path(base.data_root) / 'val'}",
+                                           "evaluate.reference="
+                                           f"{base.evaluate.reference or Path(base.data_root) / 'val'}",
                                            f"sample.solver={solver}", f"sample.steps={steps}",
                                            f"sample.per_class={args.per_class}"])
         start = time.perf_counter()
@@ -218,7 +219,8 @@ def main() -> None:
     q.add_argument("--recipe", required=True)
     q.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
     q.add_argument("--per-class", type=int, default=50)
-    q.add_argument("--configs", nargs="+", default=["dpm_solver++:10", "dpm_solver++:25", "dpm_solver++:50", "ddpm:250"])
+    q.add_argument("--configs", nargs="+",
+                   default=["dpm_solver++:10", "dpm_solver++:25", "dpm_solver++:50", "ddpm:250"])
     args = p.parse_args()
     result = {"throughput": throughput, "memory": memory, "quality": quality}[args.bench](args)
     print(json.dumps({"machine": machine(), "bench": args.bench, **result}, indent=1))

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
+from dpt_scale.engine.trainer import PEAK_FLOPS  # noqa: E402
 from dpt_scale.models import build_uvit  # noqa: E402
 from dpt_scale.models.attention import Attention, resolve_backend, xformers_available  # noqa: E402
-from dpt_scale.engine.trainer import PEAK_FLOPS  # noqa: E402
 
 
 def step_fn(model, batch: int, chans: int, device, dtype):
@@ -53,7 +53,8 @@ def cpu_suite(repeats: int, batch: int) -> list[dict]:
                 torch.manual_seed(0)
                 model = build_uvit(size, img_size=32, patch_size=2, in_chans=chans, num_classes=10,
                                    conv=space.startswith("pixel"), attention=backend).train()
-                configs[(size, space, backend)] = (model, step_fn(model, batch, chans, torch.device("cpu"), torch.float32))
+                step = step_fn(model, batch, chans, torch.device("cpu"), torch.float32)
+                configs[(size, space, backend)] = (model, step)
     times = {k: [] for k in configs}
     for key, (_, step) in configs.items():
         step()  # warm-up
@@ -118,8 +119,8 @@ def train_bench(sizes, backends, checkpointing=(False, True), batch: int = 128, 
             step = step_fn(model, batch, 4, device, dtype)
 
         def use(key):
-            set_attention(model, key[0])
-            model.grad_checkpointing = key[1]
+            set_attention(model, key[0])  # noqa: F821 (freed by `del` below, after its last call)
+            model.grad_checkpointing = key[1]  # noqa: F821
 
         for key in runnable:
             use(key)

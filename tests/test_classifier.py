@@ -51,7 +51,8 @@ def cli(*args, check=True, timeout=300):
 
 def exported(path):
     payload = torch.load(path, weights_only=False)
-    return {**{f"w.{k}": v for k, v in payload["weights"].items()}, **{f"ema.{k}": v for k, v in payload["ema"].items()}}
+    return {**{f"w.{k}": v for k, v in payload["weights"].items()},
+            **{f"ema.{k}": v for k, v in payload["ema"].items()}}
 
 
 def relabel(src, dst, change):

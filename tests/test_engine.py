@@ -147,7 +147,8 @@ EMA_SCRIPT = textwrap.dedent("""
                  export_extra={"settings": settings})
     reference.update(whole(tr))
     weights = tr.fit(ShardLoader(shards, 4, streams=2))
-    x, t, y = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1., 300., 999.]), torch.tensor([0, 3, 4])
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([1., 300., 999.]), torch.tensor([0, 3, 4])
     with torch.no_grad():
         engine_out = tr.engine.module.eval()(x, t, y)  # ZeRO-3 gathers the partitions itself
     if tr.rank == 0:

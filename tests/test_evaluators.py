@@ -4,13 +4,13 @@ its own top-1 travels with it, and the within-class spread tells varied samples 
 import pytest
 import torch
 import yaml
+from test_generation_metrics import write_set
 
 from dpt_scale.data.sources import SOURCES
 from dpt_scale.metrics.generation import diversity, generation_metrics, within_class_spread
 from dpt_scale.recipe import load_recipe
 from dpt_scale.recipe.schema import Data
 from helpers import assert_one_line_error, run_cli
-from test_generation_metrics import write_set
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ def test_force_replaces_and_foreign_folders_are_refused(tmp_path, capsys):
     assert main(["data", "import", "mnist", "--out", str(out), "--shard-samples", "4000"]) == 0
     assert main(["data", "import", "mnist", "--out", str(out), "--shard-samples", "6000", "--force"]) == 0
     assert [s.samples for s in Manifest.load(out / "train").shards] == [6000, 4000]
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
+    names = sorted(p.name for p in (out / "train").iterdir())
+    assert names == ["manifest.json", "train-000000.tar", "train-000001.tar"]
     (tmp_path / "photos" / "train").mkdir(parents=True)
     (tmp_path / "photos" / "train" / "holiday.jpg").write_bytes(b"mine")
     assert main(["data", "import", "mnist", "--out", str(tmp_path / "photos")]) == 2
@@ -107,7 +108,8 @@ def test_groups_over_the_byte_limit_continue_in_extra_shards(tmp_path):
 def test_broken_idx_is_a_clear_error(tmp_path):
     (tmp_path / "img").write_bytes(b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") * 3 + b"short")
     write_idx(tmp_path / "lab", np.zeros(5, np.uint8))
-    result = run_cli("data", "import", "idx", str(tmp_path / "img"), str(tmp_path / "lab"), "--out", str(tmp_path / "o"))
+    result = run_cli("data", "import", "idx", str(tmp_path / "img"), str(tmp_path / "lab"),
+                     "--out", str(tmp_path / "o"))
     assert_one_line_error(result, "img", "truncated or damaged")
 
 

@@ -85,7 +85,8 @@ def test_encode_writes_a_verified_latent_set_keyed_like_the_images(encoded):
     assert meta["scale_factor"] == pytest.approx(0.18215)  # the autoencoder's own (diffusers' default)
     moments = stored_moments(encoded)
     assert len(moments) == sum(SHARDS)
-    assert {(m.shape, m.dtype) for m in moments.values()} == {((2, 2, 4, 8, 8), np.dtype("float16"))}  # views, mean/logvar
+    # (views, mean/logvar, C, h, w)
+    assert {(m.shape, m.dtype) for m in moments.values()} == {((2, 2, 4, 8, 8), np.dtype("float16"))}
 
 
 def test_the_flipped_copy_is_the_posterior_of_the_mirror_image(encoded):

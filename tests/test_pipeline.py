@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_one_line_error, run_cli
 
 from dpt_scale.pipeline.markers import read_marker
 from dpt_scale.pipeline.run import plan
 from dpt_scale.pipeline.stages import STAGES, parts_of
 from dpt_scale.recipe import load_recipe
 from dpt_scale.shards.manifest import Manifest
+from helpers import REPO, assert_one_line_error, run_cli
 
 SMOKE = str(REPO / "recipes" / "mnist-smoke.yaml")
 ALL = ["import", "subset", "train-classifier", "pseudo-label", "train-diffusion", "sample", "retrain", "evaluate"]

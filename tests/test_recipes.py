@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dpt_scale.diffusion.export import model_settings
 from dpt_scale.engine.dsconfig import deepspeed_config
 from dpt_scale.models import build_uvit
 from dpt_scale.models.classifier import ImageClassifier, load_classifier
 from dpt_scale.recipe import load_recipe
-from dpt_scale.diffusion.export import model_settings
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 ALL = sorted(p for p in RECIPES.rglob("*.y*ml"))

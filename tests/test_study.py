@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, assert_one_line_error, run_cli
 
 from dpt_scale.pipeline.run import plan
 from dpt_scale.recipe import load_recipe
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
+from helpers import REPO, assert_one_line_error, run_cli
 
 SMOKE = str(REPO / "recipes" / "mnist-probe-smoke.yaml")
 AFTER_PRETRAIN = ["train-classifier", "pseudo-label", "train-diffusion", "sample", "retrain", "evaluate"]

@@ -31,7 +31,8 @@ def test_subset_does_not_depend_on_the_shard_layout(tmp_path):
     a = make_shard_set(tmp_path / "a", [40])
     b = make_shard_set(tmp_path / "b", [3, 17, 20])
     for name, shards in (("a", a), ("b", b)):
-        main(["-q", "data", "subset", "--shards", str(shards), "--per-class", "2", "--out", str(tmp_path / f"{name}.txt")])
+        main(["-q", "data", "subset", "--shards", str(shards), "--per-class", "2",
+              "--out", str(tmp_path / f"{name}.txt")])
     assert read_keys(tmp_path / "a.txt") == read_keys(tmp_path / "b.txt")
 
 

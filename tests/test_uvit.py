@@ -22,8 +22,9 @@ def test_parameter_counts_match_the_paper_at_4x32x32_patch_2(size, classes, refe
 
 
 def test_sizes_registry():
-    assert {s: (c["embed_dim"], c["depth"], c["num_heads"]) for s, c in UVIT_SIZES.items() if s not in ("tiny", "mini")} == {
-        "S": (512, 12, 8), "M": (768, 16, 12), "L": (1024, 20, 16), "H": (1152, 28, 16)}
+    sizes = {s: (c["embed_dim"], c["depth"], c["num_heads"]) for s, c in UVIT_SIZES.items()
+             if s not in ("tiny", "mini")}
+    assert sizes == {"S": (512, 12, 8), "M": (768, 16, 12), "L": (1024, 20, 16), "H": (1152, 28, 16)}
     with pytest.raises(ValueError, match="unknown U-ViT size 'XL'"):
         build_uvit("XL")
 
@@ -71,8 +72,9 @@ def test_output_shape_conditioning_and_null_class():
     x, t = torch.randn(4, 1, 16, 16), torch.full((4,), 500.0)
     out = model(x, t, torch.tensor([0, 1, 2, model.null_class]))
     assert out.shape == x.shape and model.null_class == 10
-    assert not torch.allclose(model(x, t, torch.zeros(4, dtype=torch.long)), model(x, t, torch.ones(4, dtype=torch.long)))
-    assert not torch.allclose(model(x, t, torch.zeros(4, dtype=torch.long)), model(x, t + 100, torch.zeros(4, dtype=torch.long)))
+    zeros, ones = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    assert not torch.allclose(model(x, t, zeros), model(x, t, ones))
+    assert not torch.allclose(model(x, t, zeros), model(x, t + 100, zeros))
     with pytest.raises(ValueError, match="needs labels"):
         model(x, t)
 

@@ -29,8 +29,9 @@ def evaluate_classifier(model: torch.nn.Module, directory: str | Path, batch_siz
     classes = manifest.num_classes
     confusion = torch.zeros(classes * classes, dtype=torch.int64)  # true x predicted
     top5 = torch.zeros((), dtype=torch.int64)
-    for pred in map_shards(lambda x: model(x).float().softmax(1), directory,
-                           list(range(rank, len(manifest.shards), world)), batch_size, device, workers, read_labels=True):
+    mine = list(range(rank, len(manifest.shards), world))
+    for pred in map_shards(lambda x: model(x).float().softmax(1), directory, mine, batch_size, device, workers,
+                           read_labels=True):
         known = pred.labels >= 0
         labels, probs = pred.labels[known], pred.outputs[known]
         confusion += torch.bincount(labels * classes + probs.argmax(1), minlength=classes * classes)

@@ -19,8 +19,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, as_is
-from dpt_scale.shards.decode import (ImageDecodeError, decode_all_into, decode_image, decode_images,
-                                     decode_into, in_place_shape)
+from dpt_scale.shards.decode import (
+    ImageDecodeError,
+    decode_all_into,
+    decode_image,
+    decode_images,
+    decode_into,
+    in_place_shape,
+)
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.rows import END, LABEL, START, shard_rows
 from dpt_scale.shards.tar import open_map

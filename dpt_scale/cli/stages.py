@@ -53,7 +53,8 @@ _stage("retrain", "stage 4: the classifier again, on real plus pseudo images",
        "dpt_scale.stages.train_classifier:train_classifier", "retrain")
 _stage("make-evaluator", "an evaluation-only classifier on every true label of <data.root>/train, for data sets no "
        "shipped evaluator knows (evaluate.evaluator auto finds it)", "dpt_scale.stages.make_evaluator:make_evaluator")
-_stage("evaluate", "metrics of the run so far: classifier top-1/top-5 and confusion; FID, KID, precision/recall and conditional accuracy of <out>/samples",
+_stage("evaluate", "metrics of the run so far: classifier top-1/top-5 and confusion; FID, KID, precision/recall and "
+       "conditional accuracy of <out>/samples",
        "dpt_scale.stages.evaluate:summary")
 
 
@@ -69,8 +70,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true", help="print what would run, and why, then stop")
 
 
-@command("run", "the whole pipeline: import, subset, (pretrain), stage 1, pseudo-label, (encode), stage 2, sample, stage 4, "
-         "evaluate, then report.md; finished stages are skipped, interrupted ones resumed", _run_arguments)
+@command("run", "the whole pipeline: import, subset, (pretrain), stage 1, pseudo-label, (encode), stage 2, sample, "
+         "stage 4, evaluate, then report.md; finished stages are skipped, interrupted ones resumed", _run_arguments)
 def run(args: argparse.Namespace) -> None:
     if rank_and_world()[0] != 0:
         args.quiet = True

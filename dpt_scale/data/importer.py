@@ -145,7 +145,8 @@ def _write_split(out: Path, split: str, items: list[tuple], source: Source, sett
     manifest = stats.manifest(entries, source.classes, settings.format, meta)
     manifest.save(out)
     elapsed = time.perf_counter() - start
-    skipped = f"; {len(unreadable)} unreadable image(s) skipped, listed in {out / UNREADABLE_LIST}" if unreadable else ""
+    skipped = (f"; {len(unreadable)} unreadable image(s) skipped, listed in {out / UNREADABLE_LIST}"
+               if unreadable else "")
     print(f"{out}: {manifest.num_samples} images in {len(manifest.shards)} shard(s), "
           f"{manifest.num_bytes / 2**20:.1f} MiB, {manifest.num_samples / elapsed:.0f} images/s{skipped}")
     return manifest

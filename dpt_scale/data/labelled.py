@@ -63,11 +63,11 @@ class LabelledBank:
                 found[key] = (image, int(sample["cls"]))
         missing = sorted(wanted - found.keys())
         if missing and damaged:
-            raise ShardError(f"{len(missing)} labelled image(s), e.g. {missing[0]}, may be in damaged shards ({damaged[0]}); "
-                             f"restore or re-import {shard_dir}")
+            raise ShardError(f"{len(missing)} labelled image(s), e.g. {missing[0]}, may be in damaged shards "
+                             f"({damaged[0]}); restore or re-import {shard_dir}")
         if damaged:
-            log.warning(f"{shard_dir}: {len(damaged)} damaged shard(s) read up to the damage while finding the labelled "
-                        f"images, none of which was lost (on_corrupt=skip): {damaged[0]}")
+            log.warning(f"{shard_dir}: {len(damaged)} damaged shard(s) read up to the damage while finding the "
+                        f"labelled images, none of which was lost (on_corrupt=skip): {damaged[0]}")
         if missing:
             raise UserError(f"{subset_file}: {len(missing)} key(s) are not in {shard_dir}, e.g. {missing[:3]}; "
                             "make the subset from this shard set (`dpt-scale data subset`)")

@@ -92,8 +92,9 @@ class Checkpoints:
         complete, incomplete = self._steps()
         newest = complete[-1] if complete else None
         if incomplete and (newest is None or incomplete[-1] > newest):
+            then = f"resuming from {tag_of(newest)}" if newest is not None else "starting afresh"
             log.warning(f"{self.root}: checkpoint {tag_of(incomplete[-1])} is incomplete (the job stopped while "
-                        "saving it); " + (f"resuming from {tag_of(newest)}" if newest is not None else "starting afresh"))
+                        f"saving it); {then}")
         return newest
 
     def load(self, engine, step: int) -> dict:

@@ -21,7 +21,8 @@ class ShardedEMA:
         # and re-averaging them would only add rounding error and memory.
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
-        self.shapes = {n: tuple(p.ds_shape) if hasattr(p, "ds_tensor") else tuple(p.shape) for n, p in self.params.items()}
+        self.shapes = {n: tuple(p.ds_shape) if hasattr(p, "ds_tensor") else tuple(p.shape)
+                       for n, p in self.params.items()}
         self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params.items()}
 
     @staticmethod

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dpt_scale import jsonsafe
 from pathlib import Path
 
 from tqdm import tqdm
+
+from dpt_scale import jsonsafe
 
 
 class Metrics:

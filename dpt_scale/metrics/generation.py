@@ -259,7 +259,8 @@ def generation_metrics(recipe: Recipe, generated: Path | None = None,
                                    if k in ("solver", "steps", "guidance")}}
         accuracy = result["conditional_accuracy"]
         log.info(f"generation ({evaluator.name} features, {result['samples']} samples vs "
-                 f"{result['reference_samples']}): FID {result['fid']:.3f}, KID {result['kid_mean']:.5f}, precision {result['precision']:.3f}, "
+                 f"{result['reference_samples']}): FID {result['fid']:.3f}, KID {result['kid_mean']:.5f}, "
+                 f"precision {result['precision']:.3f}, "
                  f"recall {result['recall']:.3f}, conditional accuracy "
                  f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}")
     return _from_rank0(result)

@@ -14,6 +14,7 @@ from dpt_scale.layout import layout
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import write_json
 
+
 def marker_path(recipe: Recipe, stage: str) -> Path:
     return layout(recipe).markers / f"{stage}.json"
 

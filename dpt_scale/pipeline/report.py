@@ -115,8 +115,9 @@ def write_report(recipe: Recipe) -> Path:
 
 def _figures(recipe: Recipe, figures: Path) -> list[str]:
     run, made = layout(recipe), []
-    curves = {stage: _jsonl(path / "metrics.jsonl") for stage, path in
-              (("train-classifier", run.classifier()), ("train-diffusion", run.diffusion), ("retrain", run.classifier("retrain")))}
+    trained = {"train-classifier": run.classifier(), "train-diffusion": run.diffusion,
+               "retrain": run.classifier("retrain")}
+    curves = {stage: _jsonl(path / "metrics.jsonl") for stage, path in trained.items()}
     if uses_pretrain(recipe):
         curves = {"pretrain": _jsonl(pretrain_dir(recipe) / "metrics.jsonl"), **curves}
     probes = {"backbone k-NN top-1 (validation)": ("knn_top1", _jsonl(pretrain_dir(recipe) / "knn.jsonl")

@@ -49,13 +49,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, PooledBatch, as_is
-from dpt_scale.shards.decode import (ImageDecodeError, decode_all_into, decode_image, decode_images,
-                                     decode_into, in_place_shape)
+from dpt_scale.shards.decode import (
+    ImageDecodeError,
+    decode_all_into,
+    decode_image,
+    decode_images,
+    decode_into,
+    in_place_shape,
+)
 from dpt_scale.shards.index import BAD_LABEL, load_npy, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
 from dpt_scale.shards.rows import END, JSON_END, JSON_START, LABEL, SHARD, START, ShardRows, shard_rows
-from dpt_scale.shards.tar import open_map, iter_samples
+from dpt_scale.shards.tar import iter_samples, open_map
 
 log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")

@@ -18,9 +18,9 @@ from pathlib import Path
 from PIL import Image
 
 from dpt_scale.errors import ShardError
-from dpt_scale.shards.manifest import Manifest, ShardEntry
 from dpt_scale.shards.index import INDEX_MEMBER, read_index, walk_index
-from dpt_scale.shards.tar import TarFormatError, open_map, iter_samples
+from dpt_scale.shards.manifest import Manifest, ShardEntry
+from dpt_scale.shards.tar import TarFormatError, iter_samples, open_map
 from dpt_scale.shards.writer import TMP_SUFFIX
 
 
@@ -62,7 +62,8 @@ def verify(directory: str | Path, workers: int = 2) -> tuple[Manifest, list[Shar
             else:
                 seen[key] = report.entry.name
     histogram = sum((r.histogram for r in reports), Counter())
-    if all(not r.faults for r in reports) and [histogram[c] for c in range(manifest.num_classes)] != manifest.class_histogram:
+    counted = [histogram[c] for c in range(manifest.num_classes)]
+    if all(not r.faults for r in reports) and counted != manifest.class_histogram:
         faults.append(Fault("manifest.json", None, "class histogram does not match the shards' labels"))
     listed = {e.name for e in manifest.shards}
     for path in sorted(directory.iterdir()):

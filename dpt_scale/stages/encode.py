@@ -13,7 +13,8 @@ Training draws a fresh z = scale (mean + exp(logvar / 2) noise) from the moments
 Shard i goes to rank i % world. A finished shard gets a progress record naming the image shard's
 checksum, the autoencoder's identity and the flip setting, so a restarted run skips exactly the
 shards that still hold. Rank 0 writes the manifest last; its meta["latent"] says what the set was
-made from and `latent_set` checks that against a recipe (dpt_scale/diffusion/latents.py) before anything trains or samples on it.
+made from and `latent_set` (dpt_scale/diffusion/latents.py) checks that against a recipe before
+anything trains or samples on it.
 """
 from __future__ import annotations
 

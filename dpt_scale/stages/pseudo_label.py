@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-
 from dpt_scale.classification.inference import map_shards
 from dpt_scale.classification.pseudo_labels import FORMAT, MANIFEST, read_sidecar, summarise, write_sidecar
 from dpt_scale.data.subset import read_labels

@@ -21,9 +21,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dpt_scale.diffusion.export import load_diffusion
-from dpt_scale.diffusion.schedules import build_schedule
 from dpt_scale.diffusion.sampling import sample as run_solver
 from dpt_scale.diffusion.sampling import to_uint8
+from dpt_scale.diffusion.schedules import build_schedule
 from dpt_scale.distributed import init_distributed
 from dpt_scale.engine.export import weights_identity
 from dpt_scale.errors import UserError
