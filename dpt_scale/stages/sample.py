@@ -68,11 +68,11 @@ def sample(recipe: Recipe) -> Path:
                    disable=rank != 0 or not logging.getLogger().isEnabledFor(logging.INFO))  # -q: no bar
         with BackgroundShardWriter(out, cfg.format, cfg.quality, cfg.encode_threads) as writer:
             for s in todo:
-                _generate_shard(s, writer, bar)
+                generate_shard(s, writer, bar)
         bar.close()
         return left
 
-    def _generate_shard(s: int, writer: BackgroundShardWriter, bar) -> None:
+    def generate_shard(s: int, writer: BackgroundShardWriter, bar) -> None:
         histogram = [0] * len(classes)
         for indices in plan.batches(s):
             labels, noise, generators = plan.draw(indices, shape)
