@@ -135,10 +135,10 @@ def done_stages(out: Path) -> list[str]:
 
 def run_progress(out: Path, since: float) -> int:
     """`run`'s progress: the units (steps, shards, or 1) of every finished stage plus the running one's."""
-    from dpt_scale.pipeline.stages import STAGES
+    from dpt_scale.pipeline.stages import PIPELINE
 
     done, total = set(done_stages(out)), 0
-    for stage in STAGES:
+    for stage in PIPELINE:
         probe = COMMANDS.get(stage, (None, RETRAIN if stage == "retrain" else None))[1]
         if stage in done:
             total += probe(out, 0) if probe else 1
@@ -186,10 +186,10 @@ def kill_matrix(name: str, ref: Path, work: Path, points: int, rng: random.Rando
 
 
 def _stage_in_progress(out: Path) -> str:
-    from dpt_scale.pipeline.stages import STAGES
+    from dpt_scale.pipeline.stages import PIPELINE
 
     done = set(done_stages(out))
-    return next((s for s in STAGES if s not in done and s != "encode"), "all done")
+    return next((s for s in PIPELINE if s not in done and s != "encode"), "all done")
 
 
 def one_line_error(log: Path) -> str:

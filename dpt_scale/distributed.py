@@ -14,6 +14,8 @@ import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from dpt_scale.compat import skip_deepspeed_shm_comm
+
 if TYPE_CHECKING:  # imported only when joining a process group (see above)
     import torch
 
@@ -47,10 +49,9 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int, torch.device]:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
     import deepspeed
-    import deepspeed.ops
 
-    if not cuda:  # else DeepSpeed compiles a shared-memory all-reduce op (~50 s) on first use
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not cuda:
+        skip_deepspeed_shm_comm()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

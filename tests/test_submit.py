@@ -158,6 +158,41 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_with_the_same_losses(t
         assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part])
 
 
+class NotSlurm:  # stands for submitit's job environment, which a plain process has not
+    def export(self, **kwargs):
+        pass
+
+
+def test_a_job_runs_the_stage_function_with_the_options_of_its_command(tmp_path, monkeypatch, capsys, request):
+    from dpt_scale.cli.submit import _options
+    from dpt_scale.distributed import leave_process_group
+    from dpt_scale.pipeline.markers import read_marker
+    from dpt_scale.recipe import load_recipe
+    from dpt_scale.stage_job import StageFailed
+
+    smoke = str(REPO / "recipes" / "mnist-smoke.yaml")
+    recipe = load_recipe(smoke, [])
+    assert _options("run", smoke, ["--until", "subset"], recipe) == {"start": None, "only": None, "until": "subset"}
+    assert _options("study", smoke, ["--seeds", "3,4", "--arms", "dpt"], recipe) == \
+        {"seeds": [3, 4], "arm_names": ["dpt"], "out": None}
+    assert _options("sample", smoke, [], recipe) == {}
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", NotSlurm)
+    monkeypatch.setattr(preemption, "install", lambda: None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # the job sets them here
+        monkeypatch.delenv(name, raising=False)
+    request.addfinalizer(leave_process_group)  # and its port, which later tests' launches would inherit
+    out = tmp_path / "run"
+    StageJob("run", smoke, [f"out={out}"], {"until": "subset"}).run()
+    assert [read_marker(load_recipe(smoke, [f"out={out}"]), s)["state"] for s in ("import", "subset")] == \
+        ["done", "done"]
+    assert read_marker(load_recipe(smoke, [f"out={out}"]), "train-classifier") is None  # --until held
+    # A stage the user must fix: its one line in the task's log, no traceback, the job failed.
+    with pytest.raises(StageFailed, match="diffusion weights not found"):
+        StageJob("sample", smoke, [f"out={out}"])()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "diffusion weights not found" in errors[0]
+
+
 def test_a_signal_waits_for_the_step_inside_a_training_loop_and_goes_to_submitit_outside(monkeypatch):
     for name in ("_submitit_handler", "_owner_pid", "_signal", "_requested", "_cooperating"):
         monkeypatch.setattr(preemption, name, getattr(preemption, name))  # restored afterwards

@@ -5,7 +5,7 @@ import argparse
 import typing
 from pathlib import Path
 
-from dpt_scale.cli import command, recipe_arguments, resolve_recipe
+from dpt_scale.cli.registry import command, recipe_arguments, resolve_recipe
 from dpt_scale.layout import layout
 from dpt_scale.recipe import save_recipe
 from dpt_scale.recipe.schema import Data

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dpt_scale.cli import command
+from dpt_scale.cli.registry import command
 
 
 def _mib(n: int) -> str:

@@ -6,67 +6,41 @@ prints it and, at the end, the stage's result (an output path, or metrics as JSO
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
-from dpt_scale.cli import command, recipe_arguments, resolve_recipe
+from dpt_scale.cli.registry import command, recipe_arguments, resolve_recipe
 from dpt_scale.distributed import rank_and_world
-from dpt_scale.errors import UserError
+from dpt_scale.pipeline.stages import PIPELINE, STAGES, Stage
 
 
-def _stage_arguments(p: argparse.ArgumentParser) -> None:
-    recipe_arguments(p, required=True)
-
-
-def _stage(name: str, help: str, target: str, *extra) -> None:
-    """Register `dpt-scale NAME RECIPE` running `module:function(recipe, *extra)`; the module is
-    imported only when the command runs (torch and DeepSpeed are slow to import)."""
+def _stage_command(stage: Stage) -> None:
+    """Register `dpt-scale NAME RECIPE`, which runs the stage on every rank of any launcher."""
     def run(args: argparse.Namespace) -> None:
         if rank_and_world()[0] != 0:  # every rank resolves the recipe; one prints it
             args.quiet = True
         recipe = resolve_recipe(args)  # a bad recipe is reported before the stage's slow imports
-        from dpt_scale.pipeline.run import check_out
+        from dpt_scale.pipeline.run import run_stage
 
-        check_out(recipe)  # not into another run's folder, nor a folder of unrelated files
-        module, function = target.split(":")
-        result = getattr(importlib.import_module(module), function)(recipe, *extra)
+        result = run_stage(stage.name, recipe)
         if rank_and_world()[0] == 0:
             print(result if isinstance(result, (str, Path)) else json.dumps(result))
 
-    command(name, help, _stage_arguments)(run)
+    command(stage.name, stage.command, lambda p: recipe_arguments(p, required=True))(run)
 
 
-_stage("pretrain", "stage 0: a self-supervised backbone from the training shards (no label is read)",
-       "dpt_scale.stages.pretrain:pretrain")
-_stage("train-classifier", "stage 1: the semi-supervised classifier (fixmatch, linear_probe or supervised)",
-       "dpt_scale.stages.train_classifier:train_classifier", "stage1")
-_stage("pseudo-label", "label every training image with the stage-1 classifier (resumable per shard)",
-       "dpt_scale.stages.pseudo_label:pseudo_label")
-_stage("encode", "latent recipes: autoencoder moments of every training image (resumable per shard)",
-       "dpt_scale.stages.encode:encode")
-_stage("train-diffusion", "train the class-conditional U-ViT (any launcher: python, torchrun, deepspeed)",
-       "dpt_scale.stages.train_diffusion:train_diffusion")
-_stage("sample", "stage 3: pseudo images from the stage-2 model into shards (resumable, any number of ranks)",
-       "dpt_scale.stages.sample:sample")
-_stage("retrain", "stage 4: the classifier again, on real plus pseudo images",
-       "dpt_scale.stages.train_classifier:train_classifier", "retrain")
-_stage("make-evaluator", "an evaluation-only classifier on every true label of <data.root>/train, for data sets no "
-       "shipped evaluator knows (evaluate.evaluator auto finds it)", "dpt_scale.stages.make_evaluator:make_evaluator")
-_stage("evaluate", "metrics of the run so far: classifier top-1/top-5 and confusion; FID, KID, precision/recall and "
-       "conditional accuracy of <out>/samples",
-       "dpt_scale.stages.evaluate:summary")
+for _stage in STAGES.values():
+    if _stage.command:
+        _stage_command(_stage)
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    from dpt_scale.pipeline.stages import STAGES
-
     recipe_arguments(p, required=True)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--from", dest="start", metavar="STAGE", choices=list(STAGES),
-                       help=f"run STAGE and every later stage again ({', '.join(STAGES)})")
-    which.add_argument("--only", metavar="STAGE", choices=list(STAGES), help="run STAGE alone, again")
-    p.add_argument("--until", metavar="STAGE", choices=list(STAGES), help="stop after STAGE")
+    which.add_argument("--from", dest="start", metavar="STAGE", choices=list(PIPELINE),
+                       help=f"run STAGE and every later stage again ({', '.join(PIPELINE)})")
+    which.add_argument("--only", metavar="STAGE", choices=list(PIPELINE), help="run STAGE alone, again")
+    p.add_argument("--until", metavar="STAGE", choices=list(PIPELINE), help="stop after STAGE")
     p.add_argument("--plan", action="store_true", help="print what would run, and why, then stop")
 
 
@@ -78,11 +52,14 @@ def run(args: argparse.Namespace) -> None:
     recipe = resolve_recipe(args)  # a bad recipe is reported before torch is imported
     from dpt_scale.pipeline.run import run_pipeline
 
-    if args.only and args.until:
-        raise UserError("--only runs one stage; --until has nothing to add to it")
-    report = run_pipeline(recipe, args.start, args.only, dry_run=args.plan, until=args.until)
+    report = run_pipeline(recipe, dry_run=args.plan, **pipeline_options(args))
     if rank_and_world()[0] == 0 and not args.plan:
         print(report)
+
+
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """`run`'s flags as run_pipeline's arguments (also for a SLURM job of it)."""
+    return {"start": args.start, "only": args.only, "until": args.until}
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,17 +74,22 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
 @command("study", "the pipeline for several seeds beside its controls (self-training, supervised, true labels): "
          "study.md, study.json and study.png with mean ± std and paired differences; resumable", _study_arguments)
 def study(args: argparse.Namespace) -> None:
-    from dpt_scale.pipeline.study import check_arms, parse_seeds
-
     if rank_and_world()[0] != 0:
         args.quiet = True
-    seeds = parse_seeds(args.seeds)
-    arms = check_arms([a.strip() for a in args.arms.split(",")]) if args.arms is not None else None
-    recipe = resolve_recipe(args)  # a bad recipe is reported before torch is imported
-    if arms is None:
-        check_arms(recipe.study.arms)
+    options = study_options(args, resolve_recipe(args))  # bad input is reported before torch is imported
     from dpt_scale.pipeline.study import run_study
 
-    report = run_study(args.recipe, args.overrides, seeds, [a.name for a in arms] if arms else None, args.out)
+    report = run_study(args.recipe, args.overrides, **options)
     if rank_and_world()[0] == 0:
         print(report)
+
+
+def study_options(args: argparse.Namespace, recipe) -> dict:
+    """`study`'s flags, checked, as run_study's arguments (also for a SLURM job of it)."""
+    from dpt_scale.pipeline.study import check_arms, parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    arms = check_arms([a.strip() for a in args.arms.split(",")]) if args.arms is not None else None
+    if arms is None:
+        check_arms(recipe.study.arms)
+    return {"seeds": seeds, "arm_names": [a.name for a in arms] if arms else None, "out": args.out}

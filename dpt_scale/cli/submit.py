@@ -1,7 +1,7 @@
 """`dpt-scale submit RECIPE --stage STAGE ...`: a stage command as a SLURM job through submitit.
 
-One task per GPU; each task runs `dpt_scale.stage_job.StageJob`, i.e. `dpt-scale STAGE RECIPE
---set ...` with its rank from SLURM. On preemption or time-out the job checkpoints, requeues itself
+One task per GPU; each task runs `dpt_scale.stage_job.StageJob`: the stage as `dpt-scale STAGE
+RECIPE --set ...` would run it, with its rank from SLURM. On preemption or time-out the job checkpoints, requeues itself
 and resumes (dpt_scale/preemption.py). `--dry-run` prints the sbatch script instead of submitting.
 """
 from __future__ import annotations
@@ -12,23 +12,25 @@ import shlex
 import shutil
 from pathlib import Path
 
-from dpt_scale.cli import COMMANDS, build_parser, command, recipe_arguments
+from dpt_scale.cli.registry import COMMANDS, Parser, command, recipe_arguments
+from dpt_scale.cli.stages import pipeline_options, study_options
+from dpt_scale.compat import sbatch_script
 from dpt_scale.errors import UserError
 from dpt_scale.layout import layout
+from dpt_scale.pipeline.stages import STAGES
 from dpt_scale.recipe import load_recipe
 
 log = logging.getLogger(__name__)
 
 
 def stages() -> list[str]:
-    """Every command that runs one recipe (single words; `data ...` and `shards ...` are groups)."""
-    return [name for name in COMMANDS if " " not in name and name != "submit"]
+    """What a job may run: a stage that has a command of its own, the pipeline, or a study."""
+    return [name for name, stage in STAGES.items() if stage.command] + ["run", "study"]
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     recipe_arguments(p, required=True)
-    p.add_argument("--stage", required=True, help="the command each task runs: train-classifier, pseudo-label, "
-                   "encode, train-diffusion, sample, retrain, evaluate or run")
+    p.add_argument("--stage", required=True, help=f"what each task runs: {', '.join(stages())}")
     p.add_argument("--stage-args", default="", metavar='"ARGS"',
                    help="more arguments of that command, e.g. --stage-args='--from sample' for run")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="default: 1")
@@ -69,6 +71,21 @@ def _check(args: argparse.Namespace) -> None:
     if args.signal_delay_s >= 60 * args.timeout_min:
         raise UserError(f"--signal-delay-s {args.signal_delay_s} leaves no time to run within --timeout-min "
                         f"{args.timeout_min}; give a longer time limit or a shorter delay")
+
+
+def _options(stage: str, recipe_path: str, stage_args: list[str], recipe) -> dict:
+    """--stage-args, read by the stage command's own parser (so argparse says what is wrong), as
+    the keyword arguments StageJob passes on."""
+    parser = Parser(prog=f"dpt-scale {stage}")
+    COMMANDS[stage].arguments(parser)
+    parsed = parser.parse_args([recipe_path, *stage_args])
+    if parsed.overrides:
+        raise UserError("--stage-args holds --set: give recipe overrides to submit itself (--set KEY=VALUE)")
+    if stage == "run":
+        if parsed.plan:
+            raise UserError("--plan submits nothing: run `dpt-scale run RECIPE --plan` here to see the plan")
+        return pipeline_options(parsed)
+    return study_options(parsed, recipe) if stage == "study" else {}
 
 
 def _extra_sbatch(items: list[str]) -> dict:
@@ -119,8 +136,9 @@ def submit(args: argparse.Namespace) -> None:
 
     _check(args)
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, not on the cluster
-    job = StageJob(args.stage, str(Path(args.recipe).resolve()), args.overrides, shlex.split(args.stage_args))
-    build_parser().parse_args(job.argv())  # the stage's own arguments: argparse says what is wrong
+    stage_args = shlex.split(args.stage_args)
+    job = StageJob(args.stage, str(Path(args.recipe).resolve()), args.overrides,
+                   _options(args.stage, args.recipe, stage_args, recipe))
     folder = Path(args.folder or layout(recipe).slurm).resolve()
     parameters = sbatch_parameters(args, recipe)
     executor = _executor(folder, args.max_timeouts, args.dry_run)
@@ -130,9 +148,10 @@ def submit(args: argparse.Namespace) -> None:
         raise UserError(f"sbatch options refused by submitit: {str(exc).splitlines()[0]}") from None
     tasks = args.nodes * executor.parameters["ntasks_per_node"]
     nodes = f"{args.nodes} node" + "s" * (args.nodes > 1)
-    what = f"dpt-scale {shlex.join(job.argv())} in each of {tasks} tasks ({nodes})"
+    argv = [args.stage, job.recipe, *stage_args, *[a for s in args.overrides for a in ("--set", s)]]
+    what = f"dpt-scale {shlex.join(argv)} in each of {tasks} tasks ({nodes})"
     if args.dry_run:
-        print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run").rstrip("\n"))
+        print(sbatch_script(executor).rstrip("\n"))
         log.info(f"dry run, nothing submitted: the job would run {what}")
         return
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dpt_scale.compat import torch_save_ran_out_of_space
 from dpt_scale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,11 @@ def _atomic_write(path: Path, text: str) -> None:
 @contextmanager
 def saving(path: Path):
     """torch.save reports a full disk (or quota, or file-size limit) as an opaque RuntimeError from
-    its zip writer ("unexpected pos", "file write failed"); say what it is, in one line."""
+    its zip writer; say what it is, in one line."""
     try:
         yield
     except RuntimeError as exc:
-        if not any(s in str(exc) for s in ("unexpected pos", "file write failed")):
+        if not torch_save_ran_out_of_space(exc):
             raise
         raise UserError(f"could not finish writing {path}: the disk is full, or a quota or file-size limit was "
                         "reached; free space and run the same command again (it resumes from the last complete "

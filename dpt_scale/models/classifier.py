@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import timm
 import torch
 from torch import nn
 
+from dpt_scale.compat import timm_has_no_img_size, timm_shape_mismatch
 from dpt_scale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ def build_classifier(name: str, num_classes: int, in_chans: int = 3, img_size: i
         with _quiet(logging.getLogger("timm.models._builder")):  # its key lists: _check_fit says it in one line
             model = _create(name, img_size, args)
     except RuntimeError as exc:  # load_state_dict: tensors of the same name and another shape
-        if pretrained is None or "state_dict" not in str(exc):
+        shapes = timm_shape_mismatch(exc)
+        if pretrained is None or shapes is None:
             raise
-        shapes = re.findall(r"size mismatch for ([^:]+):", str(exc))
         problem = f"{len(shapes)} tensor(s) differ in shape (e.g. '{shapes[0]}')" if shapes else \
             str(exc).strip().splitlines()[0]
         raise _unfit(name, pretrained, problem) from None
@@ -78,7 +78,7 @@ def _create(name: str, img_size: int | None, args: dict) -> nn.Module:
     try:
         return timm.create_model(name, **args, **({"img_size": img_size} if img_size else {}))
     except TypeError as exc:  # a convnet: no img_size argument
-        if img_size is None or "img_size" not in str(exc):
+        if img_size is None or not timm_has_no_img_size(exc):
             raise
         return timm.create_model(name, **args)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dpt_scale.layout import CLASSIFIER_STAGES, layout
 from dpt_scale.pipeline.markers import read_marker
-from dpt_scale.pipeline.stages import STAGES
+from dpt_scale.pipeline.stages import PIPELINE
 from dpt_scale.pretrain.backbone import pretrain_dir, uses_pretrain
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest, write_json
@@ -97,7 +97,7 @@ def write_report(recipe: Recipe) -> Path:
     figures.mkdir(parents=True, exist_ok=True)
     found = results(recipe)
     stages = []
-    for name, stage in STAGES.items():
+    for name, stage in PIPELINE.items():
         marker = read_marker(recipe, name)
         if marker is None and name not in found:
             continue

@@ -26,7 +26,7 @@ from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError, check_writable
 from dpt_scale.layout import layout
 from dpt_scale.pipeline.markers import parts_hash, read_marker, write_marker
-from dpt_scale.pipeline.stages import STAGES, Stage, parts_of
+from dpt_scale.pipeline.stages import PIPELINE, STAGES, Stage, parts_of
 from dpt_scale.recipe import Recipe, save_recipe
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,13 @@ class Step:
 
 
 def plan(recipe: Recipe, start: str | None = None, only: str | None = None, until: str | None = None) -> list[Step]:
-    active = [s for s in STAGES.values() if s.when(recipe)]
+    if only and until:
+        raise UserError("--only runs one stage; --until has nothing to add to it")
+    active = [s for s in PIPELINE.values() if s.when(recipe)]
     names = [s.name for s in active]
     for flag, name in (("--from", start), ("--only", only), ("--until", until)):
         if name is not None and name not in names:
-            why = "it does not apply to this recipe" if name in STAGES else "no such stage"
+            why = "it does not apply to this recipe" if name in PIPELINE else "no such stage"
             raise UserError(f"{flag} {name}: {why}; stages of this recipe: {', '.join(names)}")
     first = names.index(start) if start else None
     last = names.index(until) if until else len(names) - 1
@@ -156,6 +158,13 @@ def run_pipeline(recipe: Recipe, start: str | None = None, only: str | None = No
     return report
 
 
+def run_stage(name: str, recipe: Recipe):
+    """One stage by itself (`dpt-scale NAME RECIPE`, `submit --stage NAME`): it writes no marker,
+    and a later `run` adopts its outputs."""
+    check_out(recipe)  # not into another run's folder, nor a folder of unrelated files
+    return STAGES[name].run(recipe)
+
+
 def check_out(recipe: Recipe) -> None:
     """`out` must be new, empty, or this run's: in a folder holding another recipe's run, that run's
     stages would be redone (their outputs removed first), and a folder of unrelated files is most
@@ -173,7 +182,7 @@ def check_out(recipe: Recipe) -> None:
         if other != recipe.name:
             raise UserError(f"{out} holds another run ({saved} names {other!r}, this recipe {recipe.name!r}); "
                             f"pass another --set out=DIR, or remove {out} to start over")
-    ours = {p.name for p in layout(recipe).run_files} | {p.relative_to(out).parts[0] for stage in STAGES.values()
+    ours = {p.name for p in layout(recipe).run_files} | {p.relative_to(out).parts[0] for stage in PIPELINE.values()
                              for p in stage.outputs(recipe) if p.is_relative_to(out)}
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if entries and not ours & set(entries):

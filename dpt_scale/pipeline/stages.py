@@ -1,4 +1,5 @@
-"""The pipeline as a table: every stage `dpt-scale run` chains, what it reads and what it makes.
+"""Every stage as a table: what it runs, what it reads, what it makes. The `dpt-scale STAGE`
+commands, `run`, `submit` and the SLURM job (stage_job.py) are all made from STAGES.
 
 A stage's completion marker holds a hash of its `parts` (the recipe keys its outputs depend on)
 and the ids of the stages it reads (`after`), so changing a key redoes exactly that stage and the
@@ -29,7 +30,7 @@ STREAM = ("seed", "data.loader.streams", "data.loader.shuffle_buffer", "data.loa
 @dataclass(frozen=True)
 class Stage:
     name: str  # as on the command line (`dpt-scale NAME RECIPE`, `run --from NAME`)
-    target: str  # "module:function", called as function(recipe, *args)
+    target: str  # "module:function", called as function(recipe, *args); imported when it runs
     # recipe keys the outputs depend on ("!key" leaves a key out), or a function of the recipe giving them
     parts: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]
     after: Callable[[Recipe], tuple[str, ...]]  # the stages whose outputs it reads
@@ -37,7 +38,9 @@ class Stage:
     args: tuple = ()
     when: Callable[[Recipe], bool] = lambda recipe: True  # noqa: E731
     distributed: bool = True  # False: rank 0 runs it while the other ranks wait
-    summary: str = ""
+    summary: str = ""  # the line `run` logs when it starts the stage
+    command: str | None = None  # help of the `dpt-scale NAME RECIPE` command; None: no such command
+    pipeline: bool = True  # False: a command of its own, which `run` does not chain
     check: Callable[[Recipe], None] | None = None  # refuses bad settings before any stage runs
 
     def parts_for(self, recipe: Recipe) -> tuple[str, ...]:
@@ -49,7 +52,8 @@ class Stage:
 
 
 def _out(*names: str) -> Callable[[Recipe], list[Path]]:
-    return lambda recipe: [Path(recipe.out, name) for name in names]
+    """Paths of the run's layout (dpt_scale/layout.py) by their names there."""
+    return lambda recipe: [getattr(layout(recipe), name) for name in names]
 
 
 def _latent(recipe: Recipe) -> bool:
@@ -137,28 +141,44 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("import", "dpt_scale.pipeline.stages:_import", IMPORT_KEYS, lambda r: (),
           _in_data_root("train", "val"), distributed=False, summary="images into train/val shard sets"),
     Stage("subset", "dpt_scale.pipeline.stages:_subset", ("data.labelled",), lambda r: ("import",),
-          _out("labelled.txt"), distributed=False, summary="the labelled keys"),
+          _out("labelled"), distributed=False, summary="the labelled keys"),
     Stage("pretrain", "dpt_scale.stages.pretrain:pretrain", _pretrain_parts, lambda r: ("import",),
           _pretrain_outputs, when=lambda r: bool(_backbone(r)), check=_check_pretrain,
-          summary="stage 0: a self-supervised backbone"),
+          summary="stage 0: a self-supervised backbone",
+          command="stage 0: a self-supervised backbone from the training shards (no label is read)"),
     Stage("train-classifier", "dpt_scale.stages.train_classifier:train_classifier", STREAM + CLASSIFIER,
-          lambda r: ("subset",) + _backbone(r), _out("classifier"), args=("stage1",), summary="stage 1"),
+          lambda r: ("subset",) + _backbone(r), lambda r: [layout(r).classifier("stage1")], args=("stage1",),
+          summary="stage 1",
+          command="stage 1: the semi-supervised classifier (fixmatch, linear_probe or supervised)"),
     Stage("pseudo-label", "dpt_scale.stages.pseudo_label:pseudo_label", ("classifier.pseudo_label",),
-          lambda r: ("train-classifier",), _out("pseudo_labels"), summary="a label for every training image"),
+          lambda r: ("train-classifier",), _out("pseudo_labels"), summary="a label for every training image",
+          command="label every training image with the stage-1 classifier (resumable per shard)"),
     Stage("encode", "dpt_scale.stages.encode:encode", ("diffusion.latent", "diffusion.flip"),
           lambda r: ("import",), _in_data_root("latents"), when=lambda r: _latent(r) and _generates(r),
-          summary="autoencoder moments (latent recipes)"),
+          summary="autoencoder moments (latent recipes)",
+          command="latent recipes: autoencoder moments of every training image (resumable per shard)"),
     Stage("train-diffusion", "dpt_scale.stages.train_diffusion:train_diffusion", STREAM + ("diffusion",),
-          _diffusion_inputs, _out("diffusion"), when=_generates, summary="stage 2"),
+          _diffusion_inputs, _out("diffusion"), when=_generates, summary="stage 2",
+          command="stage 2: the class-conditional U-ViT (any launcher: python, torchrun, deepspeed)"),
     Stage("sample", "dpt_scale.stages.sample:sample", ("seed", "sample"), _sample_inputs, _out("samples"),
-          when=_generates, summary="stage 3"),
+          when=_generates, summary="stage 3",
+          command="stage 3: pseudo images from the stage-2 model into shards (resumable, any number of ranks)"),
     Stage("retrain", "dpt_scale.stages.train_classifier:train_classifier", _retrain_parts, _retrain_inputs,
-          _out("retrain"), args=("retrain",), summary="stage 4"),
+          lambda r: [layout(r).classifier("retrain")], args=("retrain",), summary="stage 4",
+          command="stage 4: the classifier again, on real plus pseudo images"),
     # The cached reference features in evaluation/cache stay: they depend on the real images only.
     Stage("evaluate", "dpt_scale.stages.evaluate:summary", ("evaluate",),
-          lambda r: ("train-classifier", "retrain", "sample"), _out("evaluation/metrics.json"),
-          summary="top-1, FID, KID, precision/recall, conditional accuracy"),
+          lambda r: ("train-classifier", "retrain", "sample"), lambda r: [layout(r).evaluation / "metrics.json"],
+          summary="top-1, FID, KID, precision/recall, conditional accuracy",
+          command="metrics of the run so far: classifier top-1/top-5 and confusion; FID, KID, precision/recall "
+                  "and conditional accuracy of <out>/samples"),
+    Stage("make-evaluator", "dpt_scale.stages.make_evaluator:make_evaluator", (), lambda r: (), lambda r: [],
+          pipeline=False,
+          command="an evaluation-only classifier on every true label of <data.root>/train, for data sets no "
+                  "shipped evaluator knows (evaluate.evaluator auto finds it)"),
 ]}
+# The stages `dpt-scale run` chains, in order.
+PIPELINE: dict[str, Stage] = {name: s for name, s in STAGES.items() if s.pipeline}
 
 
 def parts_of(recipe: Recipe, stage: Stage) -> dict:

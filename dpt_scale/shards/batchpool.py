@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpt_scale.compat import storage_use_count
 from dpt_scale.errors import UserError
 
 STACK_BYTES = 2 << 20  # decoded images are stacked into a batch this many bytes at a time
@@ -140,22 +141,16 @@ class BatchPool:
         # The buffer's owners now: the pool's own (its buffer and shaped view in-process; in the
         # main process, `storage` and the kept tensor) and the batch tensor; idle once the batch's
         # are gone.
-        self._idle[worker, slot] = _owners(storage) - 1
+        self._idle[worker, slot] = storage_use_count(storage) - 1
         self._outstanding.add((worker, slot))
         return tensor
 
     def hand_back(self) -> None:
         """Free every received buffer that nobody but the pool refers to."""
         for key in list(self._outstanding):
-            if _owners(self._mapped[key]) == self._idle[key]:
+            if storage_use_count(self._mapped[key]) == self._idle[key]:
                 self.flags[key] = 1
                 self._outstanding.discard(key)
-
-
-def _owners(storage: torch.UntypedStorage) -> int:
-    """How many tensors and storage objects share this memory. Private API, but torch is pinned
-    exactly: a weakref on the tensor cannot tell it (tensor.numpy() outlives the tensor)."""
-    return torch._C._storage_Use_Count(storage._cdata)
 
 
 def as_is(batch: dict) -> dict:

@@ -20,6 +20,7 @@ import mmap
 
 import numpy as np
 
+from dpt_scale.compat import SPURIOUS_AST_ERROR
 from dpt_scale.errors import ShardError
 from dpt_scale.shards.tar import BLOCK, TarFormatError, sample_spans
 
@@ -71,15 +72,13 @@ class IndexBuilder:
 
 
 def load_npy(data: bytes) -> np.ndarray:
-    """A .npy array from its bytes. numpy parses the header with ast.literal_eval, and CPython
-    3.11's AST constructor can raise a spurious SystemError ("AST constructor recursion depth
-    mismatch", python/cpython#106905) when another parse runs beside it. The bytes are fine then, so a
-    retry reads them; the loop can go once Python 3.11 is no longer supported."""
+    """A .npy array from its bytes; a spurious SystemError of Python 3.11's parser (compat.py) is
+    retried, as the bytes are fine."""
     for attempt in range(3):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except SystemError as exc:
-            if "recursion depth mismatch" not in str(exc) or attempt == 2:
+            if SPURIOUS_AST_ERROR not in str(exc) or attempt == 2:
                 raise
 
 
