@@ -29,10 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
-from dpt_scale.classification.inference import map_shards  # noqa: E402
 from dpt_scale.models.classifier import ImageClassifier, pretrain_meta  # noqa: E402
 from dpt_scale.pretrain.knn import knn_top1  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
+from dpt_scale.shards.map_shards import map_shards  # noqa: E402
 
 
 @torch.no_grad()

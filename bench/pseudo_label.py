@@ -27,9 +27,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
-from dpt_scale.classification.inference import map_shards  # noqa: E402
 from dpt_scale.models.classifier import ImageClassifier  # noqa: E402
 from dpt_scale.shards.manifest import Manifest  # noqa: E402
+from dpt_scale.shards.map_shards import map_shards  # noqa: E402
 
 
 def throughput(shards: str | Path, model_name: str = "resnet10t", batch: int = 256, workers: int = 1,

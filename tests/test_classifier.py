@@ -160,9 +160,9 @@ def test_the_shard_reader_gives_each_shards_images_in_order_and_names_a_damaged_
     """map_shards, under pseudo-labelling, evaluation and encoding: every shard's keys, labels and
     pixels in sample order (JPEGs decoded in place; a CMYK one takes the general decoder), and a
     sample that does not decode stops it with the shard, the key and the verify command."""
-    from dpt_scale.classification.inference import map_shards
     from dpt_scale.errors import ShardError
     from dpt_scale.shards.decode import decode_image
+    from dpt_scale.shards.map_shards import map_shards
 
     def write(directory, blobs):
         with ShardSetWriter(directory, classes=["a", "b", "c"], max_samples=5, image_field="jpg") as w:

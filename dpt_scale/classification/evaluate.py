@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 
 from dpt_scale import jsonsafe
-from dpt_scale.classification.inference import map_shards
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError
 from dpt_scale.layout import layout
 from dpt_scale.models.classifier import load_classifier
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import Manifest
+from dpt_scale.shards.map_shards import map_shards
 
 log = logging.getLogger(__name__)
 

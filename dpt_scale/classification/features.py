@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpt_scale.classification.inference import map_shards
 from dpt_scale.data.labelled import LabelledBank
 from dpt_scale.models.classifier import ImageClassifier
 from dpt_scale.shards.index import load_npy
 from dpt_scale.shards.manifest import Manifest
+from dpt_scale.shards.map_shards import map_shards
 from dpt_scale.shards.tar import iter_samples
 from dpt_scale.shards.writer import ShardSetWriter
 

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dpt_scale.classification.inference import map_shards
 from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import UserError
 from dpt_scale.layout import layout
@@ -35,6 +34,7 @@ from dpt_scale.metrics.evaluators import Evaluator, build_evaluator, trained_eva
 from dpt_scale.recipe import Recipe
 from dpt_scale.recipe.schema import Evaluate
 from dpt_scale.shards.manifest import MANIFEST, Manifest
+from dpt_scale.shards.map_shards import map_shards
 
 log = logging.getLogger(__name__)
 # Precision/recall look at each point's 3rd nearest neighbour (torch-fidelity's default), so a set

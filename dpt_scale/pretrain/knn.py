@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dpt_scale.classification.inference import map_shards
 from dpt_scale.recipe.schema import KNNProbe
 from dpt_scale.shards.manifest import MANIFEST, Manifest
+from dpt_scale.shards.map_shards import map_shards
 
 log = logging.getLogger(__name__)
 VOTE_TEMPERATURE = 0.07

@@ -62,6 +62,7 @@ from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
 from dpt_scale.shards.rows import END, JSON_END, JSON_START, LABEL, SHARD, START, ShardRows, shard_rows
 from dpt_scale.shards.tar import iter_samples, open_map
+from dpt_scale.shards.worker_errors import as_item, raise_if_error
 
 log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
@@ -150,9 +151,7 @@ class ShardLoader:
         try:
             for bundle in source:
                 for batch in bundle:
-                    if "error" in batch:
-                        is_shard_error, message = batch["error"]
-                        raise (ShardError if is_shard_error else UserError)(message)
+                    raise_if_error(batch)
                     batch[self.name] = pool.received(*batch.pop("slot"), batch[self.name])
                     batch["cls"], batch["key"] = torch.from_numpy(batch["cls"]), batch["key"].tolist()
                     pool.hand_back()
@@ -206,9 +205,7 @@ class _Stream(IterableDataset):
             except UserError as exc:
                 if info is None:
                     raise
-                # A worker's exception reaches the main process wrapped in a traceback; hand the
-                # one-line message over as data instead, after the batches made before it.
-                yield items + [{"error": (isinstance(exc, ShardError), str(exc))}]
+                yield items + [as_item(exc)]  # after the batches made before it
                 return
             yield items
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpt_scale.classification.inference import ShardOutput, map_shards
 from dpt_scale.diffusion.autoencoder import LatentAutoencoder, autoencoder_identity
 from dpt_scale.diffusion.latents import MOMENTS, autoencoder_path, source_digest
 from dpt_scale.distributed import init_distributed
@@ -36,6 +35,7 @@ from dpt_scale.errors import ShardError, UserError
 from dpt_scale.layout import layout
 from dpt_scale.recipe import Recipe
 from dpt_scale.shards.manifest import MANIFEST, Manifest, ShardEntry, write_json
+from dpt_scale.shards.map_shards import ShardOutput, map_shards
 from dpt_scale.shards.per_shard import PROGRESS, run_per_shard
 from dpt_scale.shards.writer import TMP_SUFFIX, SetStats, ShardWriter
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dpt_scale.classification.inference import map_shards
 from dpt_scale.classification.pseudo_labels import FORMAT, MANIFEST, read_sidecar, summarise, write_sidecar
 from dpt_scale.data.subset import read_labels
 from dpt_scale.distributed import init_distributed
@@ -21,6 +20,7 @@ from dpt_scale.layout import layout
 from dpt_scale.models.classifier import load_classifier
 from dpt_scale.recipe import Recipe, save_recipe
 from dpt_scale.shards.manifest import Manifest, write_json
+from dpt_scale.shards.map_shards import map_shards
 from dpt_scale.shards.per_shard import run_per_shard
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""A model over whole shards: the shared core of pseudo-labelling, evaluation and feature extraction.
+"""A model over whole shards: the shared core of pseudo-labelling, encoding, evaluation and feature extraction.
 
 Each rank takes whole shards (shard i goes to rank i % world); DataLoader workers decode them in
 the background, whole shards each, while the main process runs the model. Results come back per
@@ -30,6 +30,7 @@ from dpt_scale.shards.decode import (
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.rows import END, LABEL, START, shard_rows
 from dpt_scale.shards.tar import open_map
+from dpt_scale.shards.worker_errors import as_item, raise_if_error
 
 
 @dataclass
@@ -59,7 +60,7 @@ class _ShardBatches(IterableDataset):
         except (ShardError, UserError) as exc:
             if info is None:
                 raise
-            yield {"error": str(exc)}  # one line for the user, not a worker traceback
+            yield as_item(exc)
 
     def _shard(self, shard: int, worker: int) -> Iterator[dict]:
         entry, field = self.manifest.shards[shard], self.manifest.image["field"]
@@ -135,8 +136,7 @@ def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], directory: str | Path
         data, batch_size=None, num_workers=workers, pin_memory=pinned, collate_fn=as_is)
     partial: dict[int, list[dict]] = {}
     for batch in source:
-        if "error" in batch:
-            raise ShardError(batch["error"])
+        raise_if_error(batch)
         images = pool.received(*batch.pop("slot"), batch.pop("image"))
         outputs = fn(images.to(device, non_blocking=True)).cpu()
         del images  # its buffer goes back to the pool, unless `outputs` holds on to it
