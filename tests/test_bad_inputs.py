@@ -114,7 +114,7 @@ CASES = [
          "photos holds files that are not a dpt-scale run (holiday.jpg, notes.txt)", "pass another --set out=DIR"),
     # stages: the training data, the checkpoints, the weights (each imports torch: a few seconds)
     Case("impossible-batch", ("train-classifier", "r.yaml", "--set", "classifier.train.global_batch=2"),
-         "global_batch 2 != micro_batch 4", "choose a global_batch that is a multiple of 4"),
+         "'classifier.train.global_batch' 2 is not a multiple of micro_batch 4", "give a multiple of 4"),
     Case("wrong-channel-count", ("train-classifier", "r.yaml", "--set", "data.channels=3"),
          "data.channels: 3 but the images are 1-channel", "re-import with `dpt-scale data import"),
     Case("non-image-member", ("train-classifier", "r.yaml", "--set", "data.root=roots/not-images"),

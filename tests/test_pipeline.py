@@ -169,3 +169,21 @@ def test_stage_hashes_leave_out_keys_that_only_change_speed():
     assert {"seed", "classifier.train.lr", "data.loader.streams", "classifier.model.name"} <= set(parts)
     assert not {"data.loader.workers", "classifier.train.log_every", "classifier.train.checkpoint_every"} & set(parts)
     assert not any(k.startswith(("classifier.retrain", "classifier.pseudo_label", "diffusion")) for k in parts)
+
+
+def test_bad_flags_of_every_one_shot_command_leave_a_finished_run_byte_identical(finished_run, capsys):
+    import hashlib
+
+    from test_cli_flags import BAD, CASES, refused
+
+    def snapshot() -> dict[str, str]:
+        return {str(p.relative_to(finished_run)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(finished_run.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for command, flag in CASES:
+        for value in BAD:
+            refused(command, flag, value, finished_run, finished_run / "samples", capsys)
+    assert snapshot() == before
+    assert not finished_run.with_name(finished_run.name + "-study").exists()
+

@@ -1,4 +1,6 @@
 """Recipes: typed loading, base inheritance, --set overrides, and one-line errors."""
+import re
+
 import pytest
 import yaml
 
@@ -112,6 +114,49 @@ def test_cli_prints_and_saves_the_resolved_recipe(tmp_path):
 def test_values_outside_a_key_rules_are_refused(override, fragment):
     with pytest.raises(RecipeError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_recipe(None, [override])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["diffusion.train.warmup_steps=2000", "diffusion.train.steps=1000"],
+     "'diffusion.train.warmup_steps' 2000 is more than 'diffusion.train.steps' 1000"),
+    (["classifier.train.offload=cpu", "classifier.train.zero_stage=0"], "'classifier.train.offload' cpu needs ZeRO"),
+    (["pretrain.train.ema_decay=1.0", "pretrain.train.ema_warmup=false"], "keeps the EMA at its first weights"),
+    (["diffusion.train.global_batch=100", "diffusion.train.micro_batch=64"],
+     "'diffusion.train.global_batch' 100 is not a multiple of micro_batch 64"),
+    (["diffusion.train.global_batch=128", "diffusion.train.micro_batch=32", "diffusion.train.grad_accum=3"],
+     "not a multiple of micro_batch 32 x grad_accum 3"),
+    (["sample.steps=1001"], "'sample.steps' 1001 is more than the 1000 steps"),
+    (["diffusion.fid_samples=500", "diffusion.train.sample_every=0"], "'diffusion.fid_samples' 500 is never used"),
+    (["classifier.model.mean=[0.5, 0.5]"], "'classifier.model.mean' has 2 values"),
+    (["data.channels=1", "classifier.model.std=[0.2, 0.2, 0.2]"], "'classifier.model.std' has 3 values; give one "
+     "per image channel (1)"),
+    (["classifier.model.mean=[0.5]", "classifier.model.std=[0.2, 0.2, 0.2]"], "'classifier.model.mean' has 1 values "
+     "and 'classifier.model.std' 3"),
+    (["diffusion.train.lr=0"], "'diffusion.train.lr' must be above 0.0"),
+    (["seed=-1"], "'seed' must be at least 0"),
+    (["diffusion.train.steps=99999999999999999999"], "'diffusion.train.steps' is too large"),
+])
+def test_keys_that_must_agree_are_checked_when_the_recipe_loads(overrides, fragment):
+    with pytest.raises(RecipeError, match=re.escape(fragment)) as caught:
+        load_recipe(None, overrides)
+    assert "\n" not in str(caught.value)
+
+
+def test_stage_four_training_keys_change_stage_one_settings():
+    recipe = load_recipe(None, ["classifier.train.lr=0.01", "classifier.retrain.train.steps=5",
+                                "classifier.retrain.train.deepspeed={\"wall_clock_breakdown\": true}"])
+    retrain, stage1 = recipe.classifier.retrain.train, recipe.classifier.train
+    assert (retrain.steps, retrain.lr, retrain.micro_batch) == (5, 0.01, stage1.micro_batch)
+    assert retrain.deepspeed == {"wall_clock_breakdown": True} and stage1.steps != 5
+    assert load_recipe(None, []).classifier.retrain.train is None  # unset: stage 1's, as they are
+
+
+def test_the_solver_step_bound_is_the_schedules_own():
+    from dpt_scale.diffusion.schedules import SCHEDULES
+    from dpt_scale.recipe.rules import SCHEDULE_STEPS
+
+    assert {schedule().num_timesteps for schedule in SCHEDULES.values()} == {SCHEDULE_STEPS}
+    load_recipe(None, [f"sample.steps={SCHEDULE_STEPS}", "sample.solver=ddpm"])  # the bound itself is fine
 
 
 def test_a_float_yaml_reads_as_text_takes_the_key_type():

@@ -135,7 +135,8 @@ def test_a_study_runs_each_arm_per_seed_shares_what_it_can_and_resumes_after_a_k
 
 def test_bad_study_input_is_one_line(tmp_path):
     out = ["--out", str(tmp_path / "s")]
-    for seeds, fragment in [("", "whole numbers"), ("0,x", "whole numbers"), ("1,1", "twice"), ("-1", "0 or more")]:
+    for seeds, fragment in [("", "whole numbers"), ("0,x", "whole numbers"), ("1,1", "twice"), ("-1", "0 or more"),
+                            ("99999999999999999999", "below 2**63")]:
         assert_one_line_error(run_cli("study", SMOKE, "--seeds", seeds, *out), "--seeds", fragment)
     assert_one_line_error(run_cli("study", SMOKE, "--arms", "dpt,ablation", *out), "unknown arm 'ablation'")
     other = tmp_path / "other"

@@ -27,6 +27,21 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
     return register
 
 
+def count(least: int = 1, most: int = 2**31):
+    """An argparse type for a count flag (-n, --workers, ...): a whole number in [least, most],
+    else argparse's one-line usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be {least} to {most}, got {value}")
+        return value
+    parse.__name__ = "count"  # argparse names the type in its message
+    return parse
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the usage block too; one line is enough
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dpt_scale.cli.registry import command
+from dpt_scale.cli.registry import command, count
+from dpt_scale.errors import UserError
 
 
 def _mib(n: int) -> str:
@@ -55,14 +56,14 @@ def shards_stat(args: argparse.Namespace) -> None:
             print(f"{key}: {m.meta[key]}")
     top = max(m.class_histogram, default=0)
     print(f"{m.num_classes} classes" + (f", {m.unlabelled} unlabelled samples" if m.unlabelled else ""))
-    for name, count in zip(m.classes, m.class_histogram):
-        bar = "#" * round(30 * count / top) if top else ""
-        print(f"  {name[:20]:<20} {count:>8}  {bar}")
+    for name, n in zip(m.classes, m.class_histogram):
+        bar = "#" * round(30 * n / top) if top else ""
+        print(f"  {name[:20]:<20} {n:>8}  {bar}")
 
 
 def _verify_arguments(p: argparse.ArgumentParser) -> None:
     _dir_argument(p)
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="shards checked in parallel")
+    p.add_argument("--workers", type=count(1, 256), default=2, metavar="N", help="shards checked in parallel")
 
 
 @command("shards verify", "re-read every shard: checksums, tar structure, every image; exit 1 on any fault",
@@ -86,8 +87,9 @@ def shards_verify(args: argparse.Namespace) -> int:
 def _show_arguments(p: argparse.ArgumentParser) -> None:
     _dir_argument(p)
     p.add_argument("--out", metavar="FILE", help="PNG to write (default: DIR/../NAME-grid.png)")
-    p.add_argument("-n", type=int, default=64, metavar="N", help="the first N samples")
-    p.add_argument("--per-class", type=int, metavar="K", help="K samples of every class, one row per class")
+    p.add_argument("-n", type=count(1, 4096), default=64, metavar="N", help="the first N samples")
+    p.add_argument("--per-class", type=count(1, 256), metavar="K",
+                   help="K samples of every class, one row per class")
 
 
 @command("shards show", "write a PNG grid of samples to look at", _show_arguments)
@@ -96,4 +98,6 @@ def shards_show(args: argparse.Namespace) -> None:
 
     directory = Path(args.dir)
     out = Path(args.out) if args.out else directory.parent / f"{directory.resolve().name}-grid.png"
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise UserError(f"--out {out}: give the name of a .png file to write")
     print(sample_grid(directory, out, n=args.n, per_class=args.per_class))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import shutil
 from pathlib import Path
@@ -60,14 +61,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     if args.stage not in stages():
         raise UserError(f"unknown stage {args.stage!r} for --stage; choose one of {', '.join(stages())}")
-    for flag, value, least in [("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
-                               ("--tasks-per-node", args.tasks_per_node, 1), ("--timeout-min", args.timeout_min, 1),
-                               ("--cpus-per-task", args.cpus_per_task, 1), ("--signal-delay-s", args.signal_delay_s, 0),
-                               ("--max-timeouts", args.max_timeouts, 0)]:
+    for flag, value, least, most in [
+            ("--nodes", args.nodes, 1, 100_000), ("--gpus-per-node", args.gpus_per_node, 0, 64),
+            ("--tasks-per-node", args.tasks_per_node, 1, 1024), ("--timeout-min", args.timeout_min, 1, 366 * 24 * 60),
+            ("--cpus-per-task", args.cpus_per_task, 1, 4096), ("--signal-delay-s", args.signal_delay_s, 0, 86_400),
+            ("--max-timeouts", args.max_timeouts, 0, 10_000)]:
         if value is not None and value < least:
             raise UserError(f"{flag} {value} is impossible; give at least {least}")
-    if args.mem_gb is not None and args.mem_gb <= 0:
-        raise UserError(f"--mem-gb {args.mem_gb:g} is impossible; give a positive number of GB")
+        if value is not None and value > most:
+            raise UserError(f"{flag} {value} is impossible; give at most {most}")
+    if args.mem_gb is not None and not 0 < args.mem_gb <= 1_000_000:
+        raise UserError(f"--mem-gb {args.mem_gb:g} is impossible; give a number of GB above 0, at most 1000000")
     if args.signal_delay_s >= 60 * args.timeout_min:
         raise UserError(f"--signal-delay-s {args.signal_delay_s} leaves no time to run within --timeout-min "
                         f"{args.timeout_min}; give a longer time limit or a shorter delay")
@@ -86,6 +90,11 @@ def _options(stage: str, recipe_path: str, stage_args: list[str], recipe) -> dic
             raise UserError("--plan submits nothing: run `dpt-scale run RECIPE --plan` here to see the plan")
         return pipeline_options(parsed)
     return study_options(parsed, recipe) if stage == "study" else {}
+
+
+def _memory(gb: float) -> str:
+    """sbatch takes a whole number with a unit: 1.5 GB as 1536MB."""
+    return f"{gb:.0f}GB" if gb == int(gb) else f"{math.ceil(gb * 1024)}MB"
 
 
 def _extra_sbatch(items: list[str]) -> dict:
@@ -107,7 +116,7 @@ def sbatch_parameters(args: argparse.Namespace, recipe) -> dict:
                   gpus_per_node=args.gpus_per_node or None, time=args.timeout_min,
                   cpus_per_task=args.cpus_per_task or recipe.data.loader.workers + 1,
                   partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-                  mem=None if args.mem_gb is None else f"{args.mem_gb:g}GB",
+                  mem=None if args.mem_gb is None else _memory(args.mem_gb),
                   setup=args.setup or None, signal_delay_s=args.signal_delay_s,
                   additional_parameters=_extra_sbatch(args.slurm) or None)
     return {k: v for k, v in params.items() if v is not None}

@@ -61,8 +61,8 @@ def parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. --seeds 0,1,2") from None
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {text!r} names a seed twice; each seed is one run of every arm")
-    if any(s < 0 for s in seeds):
-        raise UserError(f"--seeds {text!r}: seeds are 0 or more")
+    if any(not 0 <= s < 2**63 for s in seeds):
+        raise UserError(f"--seeds {text!r}: seeds are 0 or more and below 2**63")
     return seeds
 
 

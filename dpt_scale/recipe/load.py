@@ -20,9 +20,11 @@ from typing import Any, Literal, Union
 import yaml
 
 from dpt_scale.errors import RecipeError
-from dpt_scale.recipe.schema import Recipe
+from dpt_scale.recipe.rules import check_rules
+from dpt_scale.recipe.schema import Recipe, Train
 
 BASE_KEY = "base"  # a recipe may name a base recipe (path relative to itself) that it overrides
+INT64 = 2**63
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -40,7 +42,14 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     merged: dict = {}
     for layer, _ in layers:
         _merge(merged, layer)
-    return _build(Recipe, merged)
+    recipe = _build(Recipe, merged)
+    retrain = recipe.classifier.retrain
+    if isinstance(retrain.train, dict):  # stage 4's keys, over stage 1's (its default)
+        stage1 = dataclasses.asdict(recipe.classifier.train)
+        _merge(stage1, retrain.train)
+        retrain.train = Train(**stage1)
+    check_rules(recipe)
+    return recipe
 
 
 def recipe_dict(recipe) -> dict:
@@ -206,6 +215,8 @@ def _coerce(tp: Any, value: Any, meta: typing.Mapping, where: str, path: str) ->
     if not ok:
         raise RecipeError(f"{where}: '{path}' expects {tp.__name__}, got {value!r} ({type(value).__name__})")
     value = float(value) if tp is float else value
+    if tp is int and not -INT64 <= value < INT64:  # torch, numpy and DeepSpeed take 64-bit integers
+        raise RecipeError(f"{where}: '{path}' is too large, got {value!r}; give a value below 2**63")
     if tp is float and not math.isfinite(value):
         raise RecipeError(f"{where}: '{path}' must be a finite number, got {value!r}")
     if tp is str and meta.get("nonempty") and not value.strip():

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 MiB = 2**20
 NONEMPTY = {"nonempty": True}
+SEED = {"min": 0}  # numpy's generators take no negative seed
 
 
 def positive(default, **extra):
@@ -24,7 +25,7 @@ class LabelledSubset:
     """Which training images keep their label: K per class, or the keys/file names in a list."""
 
     per_class: int = positive(4)
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     list: str | None = None  # a file of keys or file names (n01440764_10026.JPEG), one per line
 
 
@@ -58,7 +59,7 @@ class Data:
     shard_samples: int = positive(1000)
     shard_bytes: int = positive(256 * MiB)
     import_workers: int = positive(2)
-    seed: int = 0  # shuffles the import order so that every shard mixes all classes
+    seed: int = field(default=0, metadata=SEED)  # shuffles the import order so that every shard mixes all classes
     labelled: LabelledSubset = field(default_factory=LabelledSubset)
     loader: Loader = field(default_factory=Loader)
 
@@ -71,7 +72,7 @@ class Train:
     micro_batch: int = positive(64)  # samples per rank per forward/backward
     grad_accum: int | None = field(default=None, metadata={"min": 1})  # default: from global_batch, else 1
     global_batch: int | None = field(default=None, metadata={"min": 1})  # checked: micro x accum x ranks
-    lr: float = field(default=2e-4, metadata={"min": 0.0})
+    lr: float = field(default=2e-4, metadata={"above": 0.0})
     weight_decay: float = field(default=0.03, metadata={"min": 0.0})
     betas: list[float] = field(default_factory=lambda: [0.99, 0.99],
                                metadata={"length": 2, "items": {"min": 0.0, "below": 1.0}})
@@ -193,7 +194,7 @@ class Retrain:
     # Share of each labelled micro-batch that comes from each pseudo set (the rest: real labelled images).
     pseudo_fraction: list[float] = field(default_factory=lambda: [0.5],
                                          metadata={"items": {"min": 0.0}, "sum_max": 1.0})
-    train: Train | None = None  # default: the stage-1 settings
+    train: Train | None = None  # the stage-1 settings, with the keys given here changed
 
 
 @dataclass
@@ -272,7 +273,8 @@ class Pretrain:
     read. It runs when classifier.model.pretrained is `pretrain`, which then names its output."""
 
     method: str = "simclr"  # a name of dpt_scale.pretrain.METHODS
-    seed: int | None = None  # default: the recipe's; fixed, one backbone serves a study's every seed
+    # default: the recipe's; fixed, one backbone serves a study's every seed
+    seed: int | None = field(default=None, metadata=SEED)
     # Where stage 0 writes; default <out>/pretrain. A folder outside the run is shared between runs:
     # reused when it holds this backbone, refused when it holds another.
     out: str | None = None
@@ -296,7 +298,7 @@ class Sample:
     solver: Literal["dpm_solver++", "ddpm"] = "dpm_solver++"  # ddpm: ancestral, for comparisons
     steps: int = positive(50)
     guidance: float = field(default=1.4, metadata={"min": 0.0})  # eps_null + w (eps_class - eps_null)
-    seed: int | None = None  # default: the recipe's
+    seed: int | None = field(default=None, metadata=SEED)  # default: the recipe's
     batch: int = positive(256)  # images per forward pass (x2 with guidance)
     decode_batch: int = positive(32)  # latent recipes: images per autoencoder decode
     shard_samples: int = positive(1000)
@@ -318,7 +320,7 @@ class TrainedEvaluator:
     model: str = "test_resnet"  # any timm model
     steps: int = positive(2000)
     micro_batch: int = positive(128)
-    lr: float = field(default=3e-3, metadata={"min": 0.0})
+    lr: float = field(default=3e-3, metadata={"above": 0.0})
     augment: Augment = field(default_factory=lambda: Augment(translate=0.1))  # the weak view only
 
 
@@ -354,7 +356,7 @@ class Study:
 class Recipe:
     name: str = field(default="dpt", metadata=NONEMPTY)
     out: str = field(default="runs/dpt", metadata=NONEMPTY)  # every output of the run lives under this directory
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     data: Data = field(default_factory=Data)
     pretrain: Pretrain = field(default_factory=Pretrain)
     classifier: Classifier = field(default_factory=Classifier)

@@ -48,7 +48,7 @@ def verify(directory: str | Path, workers: int = 2) -> tuple[Manifest, list[Shar
     manifest = Manifest.load(directory)
     jobs = [(directory, entry, manifest.image, manifest.num_classes, manifest.index_every) for entry in manifest.shards]
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
             reports = list(pool.map(_verify_shard, jobs))
     else:
         reports = [_verify_shard(job) for job in jobs]
