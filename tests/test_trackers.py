@@ -98,7 +98,12 @@ def offline_run(run_dir: Path) -> dict:
 
 
 def offline_runs(folder: Path) -> list[Path]:
+    """A stage's offline W&B run folders, oldest first (offline-run-<time>-<id>[-n])."""
     return sorted((folder / "wandb").glob("offline-run-*"))
+
+
+def run_ids(folder: Path) -> list[str]:
+    return [next(p.glob("run-*.wandb")).stem.removeprefix("run-") for p in offline_runs(folder)]
 
 
 def tensorboard(path: Path):
@@ -129,7 +134,7 @@ def test_a_killed_stage_resumes_its_wandb_run_and_tensorboard_shows_each_step_on
         process.send_signal(signal.SIGKILL)
     proc.wait()
     run_id = (stage / "wandb-run-id").read_text().strip()
-    assert [p.name.rsplit("-", 1)[-1] for p in offline_runs(stage)] == [run_id]
+    assert run_ids(stage) == [run_id]
 
     result = subprocess.run(torchrun_command("-m", "dpt_scale", "-q", "train-diffusion", path),
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=240)
@@ -138,7 +143,7 @@ def test_a_killed_stage_resumes_its_wandb_run_and_tensorboard_shows_each_step_on
     assert sorted(expected) == list(range(1, 31))
 
     # one W&B run: the id kept in the stage's folder, one offline folder per launch (rank 0 only)
-    assert [p.name.rsplit("-", 1)[-1] for p in offline_runs(stage)] == [run_id, run_id]
+    assert run_ids(stage) == [run_id, run_id]
     resumed = offline_run(offline_runs(stage)[-1])
     assert (resumed["id"], resumed["job_type"], resumed["group"], resumed["project"]) == \
         (run_id, "train-diffusion", "trackers", "x")
@@ -204,7 +209,7 @@ def test_the_report_is_a_wandb_run_of_its_own_that_a_new_report_continues(tmp_pa
     write_report(cfg)  # e.g. `dpt-scale run` again after a later stage ran
     runs = offline_runs(run / "report")
     run_id = (run / "report" / "wandb-run-id").read_text().strip()
-    assert [p.name.rsplit("-", 1)[-1] for p in runs] == [run_id, run_id]
+    assert run_ids(run / "report") == [run_id, run_id]
     report = offline_run(runs[-1])
     assert report["job_type"] == "report" and report["group"] == "trackers"
     (row,) = report["history"].values()
