@@ -3,6 +3,8 @@
     <out>/          recipe.yaml  labelled.txt  stages/  pretrain/  classifier/  pseudo_labels/
                     diffusion/  samples/  retrain/  evaluation/  report.md  report.json  report/  slurm/
     <data.root>/    train/  val/  latents/train/  recipe.yaml  evaluator-<identity>.pt
+    a training stage's folder (pretrain/, classifier/, diffusion/, retrain/) and report/ also hold the
+    experiment trackers' files: tensorboard/, wandb/ and wandb-run-id (see engine/trackers.py)
 """
 from __future__ import annotations
 
@@ -93,6 +95,17 @@ class RunLayout:
         """What a run folder holds besides the stages' outputs."""
         return [self.markers, self.recipe, self.figures, self.report, self.report_json, self.slurm,
                 self.labelled.with_suffix(".recipe.yaml")]
+
+
+def tensorboard_dir(folder: Path) -> Path:
+    """A training stage's TensorBoard event files."""
+    return Path(folder) / "tensorboard"
+
+
+def wandb_run_id(folder: Path) -> Path:
+    """The W&B run of a training stage's folder (or of report/): a resumed stage continues it, a
+    redone one (its folder removed) starts another."""
+    return Path(folder) / "wandb-run-id"
 
 
 def layout(recipe) -> RunLayout:

@@ -247,6 +247,7 @@ def test_diffusion_probe_samples_the_ema_weights_and_scores_them(tmp_path, mnist
 
     from dpt_scale.diffusion.probe import GRID_PER_CLASS, DiffusionProbe
     from dpt_scale.diffusion.schedules import build_schedule
+    from dpt_scale.engine.metrics import Metrics
     from dpt_scale.models import build_uvit
 
     write_set(tmp_path / "data" / "val", mnist["val"][:200])
@@ -258,6 +259,7 @@ def test_diffusion_probe_samples_the_ema_weights_and_scores_them(tmp_path, mnist
 
     class Trainer:  # what the probe reads of the trainer
         rank, device = 0, torch.device("cpu")
+        metrics = Metrics(tmp_path, 3, 0, enabled=False)  # no trackers
 
         def __init__(self, seed):
             torch.manual_seed(seed)

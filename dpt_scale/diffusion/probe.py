@@ -65,7 +65,9 @@ class DiffusionProbe:
             rows = torch.linspace(0, classes - 1, min(classes, GRID_CLASSES), device=trainer.device).round().long()
             x = self._batched(model, rows.repeat_interleave(GRID_PER_CLASS), self.recipe.seed)
             (self.out / "samples").mkdir(parents=True, exist_ok=True)
-            save_image((x.float() + 1) / 2, self.out / "samples" / f"step-{step:08d}.png", nrow=GRID_PER_CLASS)
+            grid = self.out / "samples" / f"step-{step:08d}.png"
+            save_image((x.float() + 1) / 2, grid, nrow=GRID_PER_CLASS)
+            trainer.metrics.probe(step, images={"samples": grid})
             if fid_samples:
                 labels = torch.arange(fid_samples, device=trainer.device) % classes
                 images = to_uint8(self._batched(model, labels, self.recipe.seed + 1))
@@ -74,6 +76,7 @@ class DiffusionProbe:
                                         self.recipe.evaluate.kid_subset_size, self.recipe.evaluate.batch)
                 with open(self.out / "fid.jsonl", "a") as f:
                     f.write(jsonsafe.dumps({"step": step, **metrics}, "fid.jsonl") + "\n")
+                trainer.metrics.probe(step, {f"in_training/{k}": v for k, v in metrics.items()})
                 log.info(f"step {step}: in-training FID {metrics['fid']:.3f} ({fid_samples} unguided EMA samples), "
                          f"conditional accuracy {metrics['conditional_accuracy']}")
         dist.barrier()

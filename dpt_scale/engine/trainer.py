@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from dpt_scale import preemption
 from dpt_scale.distributed import init_distributed
+from dpt_scale.engine import trackers
 from dpt_scale.engine.checkpoint import Checkpoints, rank_file, tag_of
 from dpt_scale.engine.dsconfig import deepspeed_config
 from dpt_scale.engine.ema import ShardedEMA
@@ -38,10 +39,14 @@ class Trainer:
     def __init__(self, cfg: Train, out: str | Path, model_fn: Callable[[], torch.nn.Module],
                  loss_fn: Callable[["Trainer", dict], torch.Tensor], seed: int = 0,
                  export_extra: dict | None = None, hooks: Iterable[Callable[["Trainer", int], None]] = (),
-                 hook_every: int | None = None):
-        """`hooks` run every `hook_every` steps (default cfg.sample_every; 0: never) on every rank."""
+                 hook_every: int | None = None, recipe=None, stage: str = "train"):
+        """`hooks` run every `hook_every` steps (default cfg.sample_every; 0: never) on every rank.
+        `recipe` (its `logging` section) and `stage` name the run to the experiment trackers."""
         import deepspeed
 
+        if recipe is not None:
+            trackers.check(recipe)  # every rank, before any work: one fails, all do
+        self.recipe, self.stage, self.metrics = recipe, stage, None
         self.cfg, self.out, self.loss_fn, self.hooks = cfg, Path(out), loss_fn, list(hooks)
         self.hook_every = cfg.sample_every if hook_every is None else hook_every
         self.export_extra = export_extra or {}
@@ -79,11 +84,12 @@ class Trainer:
     def fit(self, loader) -> Path:
         """Train to cfg.steps; returns the exported weights file."""
         cfg = self.cfg
-        metrics = Metrics(self.out, cfg.steps, self.step, enabled=self.rank == 0)
+        metrics = self.metrics = Metrics(self.out, cfg.steps, self.step, enabled=self.rank == 0, recipe=self.recipe,
+                                         stage=self.stage)
         batches = loader.batches(*self.position)
         tick, ticked = time.perf_counter(), self.step
         # preemption: a signal now waits for the end of the step (see dpt_scale/preemption.py)
-        with preemption.stop_points(), closing(metrics), closing(batches):
+        with preemption.stop_points(), metrics, closing(batches):
             while self.step < cfg.steps:
                 loss = torch.zeros((), device=self.device)
                 for _ in range(self.accum):
@@ -128,6 +134,8 @@ class Trainer:
 
     def save(self) -> None:
         ema = self.ema.state_dict() if self.ema.partitioned or self.rank == 0 else None
+        if self.metrics is not None:  # the trackers' files hold every step up to a checkpoint before it counts
+            self.metrics.flush()
         self.checkpoints.save(self.engine, self.step, {"ema": ema, "rng": _get_rng(), "position": self.position})
 
     def _mfu(self, images_per_s: float) -> dict:

@@ -21,6 +21,11 @@ from dpt_scale.shards.manifest import MANIFEST, Manifest, write_json
 
 log = logging.getLogger(__name__)
 GRID_ROWS = 16  # classes shown one row each in the pseudo-image grid
+HEADLINE = {"stage1_top1": "stage-1 top-1", "stage4_top1": "stage-4 top-1", "stage4_gain": "stage 4 - stage 1",
+            "fid": "FID of the pseudo images", "conditional_accuracy": "conditional accuracy of the pseudo images",
+            "pseudo_label_agreement": "pseudo-label agreement with true labels",
+            "backbone_knn_top1": "stage-0 backbone: k-NN top-1 on validation images"}
+STAGE_COLUMNS = ("stage", "what", "state", "wall time", "results")
 EVALUATED = ("fid", "kid_mean", "precision", "recall", "spread_ratio", "conditional_accuracy", "evaluator",
              "evaluator_top1", "samples", "sampled_with")
 
@@ -110,6 +115,7 @@ def write_report(recipe: Recipe) -> Path:
     write_json(run.report_json, report, indent=1)
     run.report.write_text(_markdown(report))
     log.info(f"report: {run.report}")
+    _log_report(recipe, report)
     return run.report
 
 
@@ -178,6 +184,31 @@ def _evaluated_with(generation: dict) -> str:
                      ([f"{how.get('solver')} {how.get('steps')} steps, guidance {how.get('guidance')}"] if how else []))
 
 
+def _headline_rows(head: dict) -> list[tuple[str, object]]:
+    return [(k, v) for k, v in head.items() if v is not None or k in ("stage1_top1",)]
+
+
+def _stage_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for s in report["stages"]:
+        wall = "-" if s["wall_s"] is None else f"{s['wall_s']:.0f} s"
+        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items()
+                            if v is not None and not isinstance(v, dict))
+        rows.append([s["stage"], s["summary"], s["state"], wall, figures or "-"])
+    return rows
+
+
+def _log_report(recipe: Recipe, report: dict) -> None:
+    """The headline and stage tables to the W&B report run (engine/trackers.py), when the recipe has one."""
+    from dpt_scale.engine.trackers import log_report
+
+    head = report["headline"]
+    log_report(recipe, layout(recipe).figures,
+               tables={"report/headline": (["figure", "value"], [[HEADLINE[k], v] for k, v in _headline_rows(head)]),
+                       "report/stages": (list(STAGE_COLUMNS), _stage_rows(report))},
+               summary=head)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
@@ -188,22 +219,14 @@ def _markdown(report: dict) -> str:
     head = report["headline"]
     lines = [f"# DPT run report: {report['recipe']}", "", f"Outputs under `{report['out']}`, written "
              f"{report['written']}.", "", "| | |", "|---|---|"]
-    names = {"stage1_top1": "stage-1 top-1", "stage4_top1": "stage-4 top-1", "stage4_gain": "stage 4 - stage 1",
-             "fid": "FID of the pseudo images", "conditional_accuracy": "conditional accuracy of the pseudo images",
-             "pseudo_label_agreement": "pseudo-label agreement with true labels",
-             "backbone_knn_top1": "stage-0 backbone: k-NN top-1 on validation images"}
-    lines += [f"| {names[k]} | {_fmt(v)} |" for k, v in head.items() if v is not None or k in ("stage1_top1",)]
+    lines += [f"| {HEADLINE[k]} | {_fmt(v)} |" for k, v in _headline_rows(head)]
     if head.get("fid") is not None:
         lines += ["", f"Pseudo-image figures: {report['evaluated_with']}."]
     if "stage4_gain" in head:
         verdict = "beats" if head["stage4_gain"] > 0 else "does not beat"
         lines += ["", f"Stage 4 {verdict} stage 1 ({_fmt(head['stage4_top1'])} vs {_fmt(head['stage1_top1'])}) on this "
                   "one seed; `dpt-scale study` runs several, with controls, and gives the spread."]
-    lines += ["", "## Stages", "", "| stage | what | state | wall time | results |", "|---|---|---|---|---|"]
-    for s in report["stages"]:
-        wall = "-" if s["wall_s"] is None else f"{s['wall_s']:.0f} s"
-        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in s["results"].items()
-                            if v is not None and not isinstance(v, dict))
-        lines.append(f"| {s['stage']} | {s['summary']} | {s['state']} | {wall} | {figures or '-'} |")
+    lines += ["", "## Stages", "", "| " + " | ".join(STAGE_COLUMNS) + " |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in _stage_rows(report)]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ import yaml
 
 from dpt_scale import jsonsafe
 from dpt_scale.distributed import rank_and_world
+from dpt_scale.engine import trackers
 from dpt_scale.errors import UserError, check_writable
 from dpt_scale.layout import layout
 from dpt_scale.pipeline.markers import parts_hash, read_marker, write_marker
@@ -166,9 +167,11 @@ def run_stage(name: str, recipe: Recipe):
 
 
 def check_out(recipe: Recipe) -> None:
-    """`out` must be new, empty, or this run's: in a folder holding another recipe's run, that run's
-    stages would be redone (their outputs removed first), and a folder of unrelated files is most
-    likely a mistyped path. A run is another one when the recipe it saved has another `name`."""
+    """What every stage command and `run` check before any work. `out` must be new, empty, or this
+    run's: in a folder holding another recipe's run, that run's stages would be redone (their outputs
+    removed first), and a folder of unrelated files is most likely a mistyped path. A run is another
+    one when the recipe it saved has another `name`. The trackers `logging` asks for must be installed."""
+    trackers.check(recipe)
     out = Path(recipe.out)
     check_writable(out, "pass --set out=DIR")
     if not out.is_dir():

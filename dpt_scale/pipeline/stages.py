@@ -22,7 +22,7 @@ RUNTIME_KEYS = ("data.import_workers", "data.loader.workers", "classifier.pseudo
                 "classifier.pseudo_label.workers", "*.log_every", "*.checkpoint_every", "*.keep_checkpoints",
                 "*.sample_every", "diffusion.fid_samples", "diffusion.model.attention",
                 "diffusion.model.grad_checkpointing", "diffusion.latent.encode_batch", "sample.decode_batch",
-                "sample.encode_threads", "evaluate.batch")
+                "sample.encode_threads", "evaluate.batch", "logging.*")
 # The order of the data stream (and so every trained model) depends on these loader keys.
 STREAM = ("seed", "data.loader.streams", "data.loader.shuffle_buffer", "data.loader.on_corrupt")
 

@@ -353,6 +353,26 @@ class Study:
 
 
 @dataclass
+class WandB:
+    """Weights & Biases (the `wandb` extra): one run per training stage; off unless `project` is set."""
+
+    project: str | None = field(default=None, metadata=NONEMPTY)
+    # offline: run files only, under each stage's folder (`wandb sync` uploads them); online: sent as it trains
+    mode: Literal["offline", "online"] = "offline"
+    entity: str | None = field(default=None, metadata=NONEMPTY)  # default: the W&B account's own
+    group: str | None = field(default=None, metadata=NONEMPTY)  # default: the recipe's name
+
+
+@dataclass
+class Logging:
+    """Experiment trackers for the training stages (rank 0 only); never part of what a stage makes."""
+
+    # auto: TensorBoard events when the `tensorboard` extra is installed; true: required
+    tensorboard: Literal["auto", True, False] = "auto"
+    wandb: WandB = field(default_factory=WandB)
+
+
+@dataclass
 class Recipe:
     name: str = field(default="dpt", metadata=NONEMPTY)
     out: str = field(default="runs/dpt", metadata=NONEMPTY)  # every output of the run lives under this directory
@@ -364,6 +384,7 @@ class Recipe:
     sample: Sample = field(default_factory=Sample)
     evaluate: Evaluate = field(default_factory=Evaluate)
     study: Study = field(default_factory=Study)
+    logging: Logging = field(default_factory=Logging)
 
     @property
     def data_root(self) -> str:

@@ -67,7 +67,8 @@ def make_evaluator(recipe: Recipe) -> Path:
 
     trainer = Trainer(train, work, model_fn=lambda: ImageClassifier(**settings), loss_fn=loss, seed=recipe.seed,
                       export_extra={"kind": "classifier", "settings": settings, "classes": manifest.classes,
-                                    "method": "evaluator", "stage": "make-evaluator"})
+                                    "method": "evaluator", "stage": "make-evaluator"},
+                      recipe=recipe, stage="make-evaluator")
     ld = recipe.data.loader
     loader = ShardLoader(train_dir, train.micro_batch, seed=recipe.seed, transform=weak(cfg.augment, size),
                          workers=ld.workers, streams=ld.streams, shuffle_buffer=ld.shuffle_buffer,

@@ -97,7 +97,7 @@ def pretrain(recipe: Recipe) -> Path:
                      recipe.classifier.pseudo_label.batch, recipe.classifier.pseudo_label.workers)
     trainer = Trainer(cfg.train, out, model_fn=model_fn, loss_fn=method.loss, seed=seed,
                       export_extra={"kind": "pretrain", "settings": encoder, "method": cfg.method},
-                      hooks=[knn], hook_every=cfg.knn.every)
+                      hooks=[knn], hook_every=cfg.knn.every, recipe=recipe, stage="pretrain")
     if hasattr(method, "attach"):
         method.attach(trainer, model_fn)
     ld = recipe.data.loader

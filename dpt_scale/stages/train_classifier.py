@@ -78,7 +78,8 @@ def train_classifier(recipe: Recipe, stage: str = "stage1") -> Path:
         model_fn = build
     trainer = Trainer(train_cfg, out, model_fn=model_fn, loss_fn=method.loss, seed=recipe.seed,
                       export_extra={"kind": "classifier", "settings": settings, "classes": manifest.classes,
-                                    "method": cfg.method, "stage": stage})
+                                    "method": cfg.method, "stage": stage},
+                      recipe=recipe, stage="train-classifier" if stage == "stage1" else stage)
     mixture = _mixture(recipe, train_cfg.micro_batch, method, bank, pseudo, trainer.rank, trainer.world, size,
                        channels, train_dir)
     if trainer.rank == 0:  # after the loaders, which refuse sets too small for the batch

@@ -80,7 +80,8 @@ def train_diffusion(recipe: Recipe) -> Path:
                                     "prediction": cfg.prediction,
                                     "classes": manifest.classes, "labels": cfg.labels,
                                     **({"latent": latent} if latent else {})},
-                      hooks=[DiffusionProbe(recipe, settings, schedule, manifest.classes, latent, out)])
+                      hooks=[DiffusionProbe(recipe, settings, schedule, manifest.classes, latent, out)],
+                      recipe=recipe, stage="train-diffusion")
     loader_cfg = recipe.data.loader
     loader = ShardLoader(shards, cfg.train.micro_batch, seed=recipe.seed, workers=loader_cfg.workers,
                          streams=loader_cfg.streams, shuffle_buffer=loader_cfg.shuffle_buffer,
