@@ -313,8 +313,11 @@ def dead_rank(ref: Path, work: Path) -> list[dict]:
         killed = time.time()
         try:
             code = ranks[0].wait(300)
-        except subprocess.TimeoutExpired:
-            os.killpg(ranks[0].pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:  # torchrun's ranks have sessions of their own: kill each one
+            import psutil
+
+            for process in [psutil.Process(ranks[0].pid), *psutil.Process(ranks[0].pid).children(recursive=True)]:
+                process.kill()
             code = None
         seconds = round(time.time() - killed, 1)
         message = one_line_error(log) if launcher != "torchrun" else _torchrun_summary(log)

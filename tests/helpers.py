@@ -87,3 +87,22 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 240, check: bool = True)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it, as a crash of the node would. (torchrun starts
+    each rank in a session of its own: killing the launcher's process group leaves the ranks running.)"""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        processes = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+

@@ -3,7 +3,6 @@ checkpoint damage, launchers. Real runs of `dpt-scale train-diffusion` on a tiny
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import yaml
 from dpt_scale.engine.dsconfig import deepspeed_config
 from dpt_scale.errors import UserError
 from dpt_scale.recipe.schema import Train
-from helpers import assert_one_line_error, make_shard_set, run_cli, torchrun, torchrun_command
+from helpers import assert_one_line_error, kill_tree, make_shard_set, run_cli, torchrun, torchrun_command
 
 
 def recipe(tmp_path, name="r.yaml", **train):
@@ -112,8 +111,11 @@ def test_sigkill_and_restart_reproduce_the_uninterrupted_losses(tmp_path):
             if metrics.is_file() and max(losses(killed), default=0) >= kill_after:
                 break
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
+        kill_tree(proc.pid)  # the launcher and both ranks, mid-training
         proc.wait()
+        logged = losses(killed)
+        time.sleep(1)
+        assert losses(killed) == logged, "a rank outlived the kill and trained on"
     train(path, f"out={killed}")
     assert losses(killed) == reference  # every step, bit for bit
 
