@@ -10,9 +10,11 @@ keys, so the pseudo-labels join them exactly as they join the images.
 Outputs in OUT/diffusion: checkpoints/, metrics.jsonl, samples/ (PNG grids of EMA samples, one row
 per class, decoded to pixels for latent models; with diffusion.fid_samples also fid.jsonl, an
 unguided in-training FID of the EMA model) and weights.pt ({"kind": "diffusion", "weights",
-"ema", "settings", ..., and for latent models "latent": the autoencoder the sampler decodes with}:
+"ema", "settings", ..., for latent models "latent": the autoencoder the sampler decodes with, and
+"init": the diffusion.init file the run started from, if any}:
 a plain `build_uvit(**settings)` loads either; `diffusion.export.load_diffusion` checks it
-against a recipe).
+against a recipe). diffusion.init starts a fresh run from a U-ViT checkpoint made elsewhere
+(diffusion/init.py); with diffusion.train.steps 0 that checkpoint is the export, untrained.
 """
 from __future__ import annotations
 
