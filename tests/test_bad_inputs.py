@@ -10,7 +10,8 @@ Every case runs in a fresh copy of one small world (relative paths, the CLI's wo
     run/              an earlier run's outputs: recipe.yaml, labelled.txt, classifier/eval.json
     run-eval/samples  a finished sample set (a copy of data/val)
     sets/, roots/     broken shard sets; roots/NAME/train for the stages that read <data.root>/train
-    weights/          a U-ViT export of another size, a state_dict of another architecture, junk
+    weights/          a U-ViT export of another size, reference U-ViT state dicts of other shapes,
+                      a state_dict of another architecture, junk
     other/, photos/   a folder holding another recipe's run; a folder of unrelated files
     afile             a file where a folder is expected
 """
@@ -65,7 +66,7 @@ CASES = [
     Case("set-unknown-key", ("sample", "r.yaml", "--set", "sample.guidence=2"), "unknown key 'sample.guidence'",
          "did you mean 'sample.guidance'"),
     Case("negative-steps", ("train-diffusion", "r.yaml", "--set", "diffusion.train.steps=-5"),
-         "'diffusion.train.steps'", "must be at least 1, got -5"),
+         "'diffusion.train.steps'", "must be at least 0, got -5"),
     Case("negative-guidance", ("sample", "r.yaml", "--set", "sample.guidance=-1"), "'sample.guidance'",
          "must be at least 0.0"),
     Case("zero-sampler-steps", ("sample", "r.yaml", "--set", "sample.steps=0"), "'sample.steps'",
@@ -142,6 +143,40 @@ CASES = [
                                        "evaluate.evaluator=inception", "--set",
                                        "evaluate.inception_weights=weights/none.pth"),
          "Inception weights not found: weights/none.pth", "--set evaluate.inception_weights="),
+    # diffusion.init: a U-ViT checkpoint made elsewhere, refused before any training
+    Case("init-missing", ("train-diffusion", "r.yaml", "--set", "diffusion.init=weights/none.pth"),
+         "diffusion.init not found: weights/none.pth", "nothing is downloaded"),
+    Case("init-not-weights", ("train-diffusion", "r.yaml", "--set", "diffusion.init=weights/junk.pth"),
+         "diffusion.init weights/junk.pth does not load as a state dict", "torch.save(nnet.state_dict(), ...)"),
+    Case("init-not-a-u-vit", ("train-diffusion", "r.yaml", "--set", "diffusion.init=weights/vit.pth"),
+         "are missing from the file (e.g. decoder_pred.bias", "is it a U-ViT checkpoint?"),
+    Case("init-another-size", ("train-diffusion", "r.yaml", "--set", "diffusion.init=weights/uvit-ref-mini.pth"),
+         "it is 128 wide and 6 deep (size mini)", "set diffusion.model.size=mini"),
+    Case("init-another-class-count", ("train-diffusion", "r.yaml", "--set",
+                                      "diffusion.init=weights/uvit-ref-10-classes.pth"),
+         "label_emb.weight is [11, 64] there and [5, 64] here", "fine-tune on a training set with the checkpoint's"),
+    Case("init-another-patch-size", ("train-diffusion", "r.yaml", "--set",
+                                     "diffusion.init=weights/uvit-ref-patch-4.pth"),
+         "its patch size is 4", "set diffusion.model.patch_size=4"),
+    Case("init-another-channel-count", ("train-diffusion", "r.yaml", "--set",
+                                        "diffusion.init=weights/uvit-ref-rgb.pth"),
+         "it takes 3-channel inputs, the training set's are 1-channel", "data.channels"),
+    Case("init-another-image-size", ("train-diffusion", "r.yaml", "--set",
+                                     "diffusion.init=weights/uvit-ref-16px.pth"),
+         "pos_embed is [1, 66, 64] there and [1, 18, 64] here", "train on 16x16 inputs"),
+    Case("zero-steps-without-init", ("train-diffusion", "r.yaml", "--set", "diffusion.train.steps=0"),
+         "'diffusion.train.steps' is 0, which trains nothing", "set diffusion.init to a checkpoint"),
+    # shards export
+    Case("export-target-holds-files", ("shards", "export", "data/val", "--to", "imagefolder", "photos"),
+         "photos holds other files (holiday.jpg, notes.txt)", "name a new folder"),
+    Case("export-target-exists", ("shards", "export", "data/val", "--to", "npz", "afile"),
+         "afile exists", "or remove it first"),
+    Case("export-not-a-shard-set", ("shards", "export", "photos", "--to", "npz", "val.npz"),
+         "photos has no manifest.json", "`dpt-scale data import` makes one"),
+    Case("export-unknown-format", ("shards", "export", "data/val", "--to", "png", "val-png"),
+         "unknown export format --to 'png'", "choose npz"),
+    Case("export-unlabelled-as-class-folders", ("shards", "export", "sets/unlabelled", "--to", "imagefolder", "png"),
+         "4 of 4 samples have no label, so they have no class folder", "pass --flat"),
 ]
 
 
@@ -208,6 +243,12 @@ def build_world(w: Path) -> Path:
     torch.save({"cls_token": torch.zeros(1, 1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)},
                w / "weights" / "vit.pth")
     write(w / "weights" / "junk.pth", b"these bytes are not a checkpoint")
+    from dpt_scale.models import build_uvit
+    from dpt_scale.models.uvit_reference import to_reference
+
+    for name, changes in {"mini": {"size": "mini"}, "10-classes": {"num_classes": 10}, "patch-4": {"patch_size": 4},
+                          "rgb": {"in_chans": 3}, "16px": {"img_size": 16}}.items():
+        torch.save(to_reference(build_uvit(**{**UVIT, **changes}).state_dict()), w / "weights" / f"uvit-ref-{name}.pth")
 
     write(w / "other" / "recipe.yaml", yaml.safe_dump({**RECIPE, "name": "another-recipe"}))
     write(w / "other" / "stages" / "import.json", json.dumps({"stage": "import", "state": "done"}))

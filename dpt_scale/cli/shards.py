@@ -1,5 +1,5 @@
-"""`dpt-scale shards ls|stat|verify|show DIR`: look at a shard set. These take a directory, not a
-recipe. Also runnable as `python tools/shards.py ...`."""
+"""`dpt-scale shards ls|stat|verify|show|export DIR`: look at a shard set, or export it for other
+tools. These take a directory, not a recipe. Also runnable as `python tools/shards.py ...`."""
 from __future__ import annotations
 
 import argparse
@@ -101,3 +101,24 @@ def shards_show(args: argparse.Namespace) -> None:
     if out.suffix.lower() != ".png" or out.is_dir():
         raise UserError(f"--out {out}: give the name of a .png file to write")
     print(sample_grid(directory, out, n=args.n, per_class=args.per_class))
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    _dir_argument(p)
+    p.add_argument("--to", required=True, metavar="FORMAT",
+                   help="npz: one .npz for guided-diffusion's evaluator (arr_0 uint8 NHWC RGB, grayscale repeated "
+                        "to 3 channels; arr_1 int64 labels, -1 for none); imagefolder: PNG files in a folder per "
+                        "class")
+    p.add_argument("out", metavar="OUT", help="the .npz file, or the folder, to write (must not exist, or be empty)")
+    p.add_argument("--flat", action="store_true",
+                   help="imagefolder: every image in OUT itself, no class folders (pytorch-fid reads one folder); "
+                        "needed for samples without a label")
+
+
+@command("shards export", "write a shard set as an .npz sample batch or a PNG folder tree, for FID tools",
+         _export_arguments)
+def shards_export(args: argparse.Namespace) -> None:
+    from dpt_scale.shards.export import export
+
+    summary = export(args.dir, args.to, args.out, flat=args.flat)
+    print(summary["out"])

@@ -38,6 +38,17 @@ class ShardedEMA:
         for name, p in self.params.items():
             self.shadow[name].mul_(d).add_(self._local(p).float(), alpha=1 - d)
 
+    @torch.no_grad()
+    def start_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the average to whole weights (e.g. a checkpoint's fp32 values, where the module holds
+        them rounded to bf16); under ZeRO-3 this rank keeps its chunk of each."""
+        for name, shadow in self.shadow.items():
+            value = weights[name].detach().float().flatten()
+            if self.partitioned:  # chunk r of the flattened tensor, the last one zero-padded
+                at, n = dist.get_rank() * shadow.numel(), shadow.numel()
+                value = torch.cat([value, value.new_zeros(max(at + n - len(value), 0))])[at:at + n]
+            shadow.copy_(value.view_as(shadow))
+
     def state_dict(self) -> dict:
         return {"shadow": self.shadow, "shapes": self.shapes, "partitioned": self.partitioned}
 

@@ -36,7 +36,13 @@ def export_weights(root: str | Path, step: int, out: str | Path, extra: dict | N
             model = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag_of(step))
     ranks = [torch.load(rank_file(root, step, r), map_location="cpu", weights_only=False)
              for r in range(meta["world_size"])]
-    payload = {"weights": model, "ema": join_shards([r["ema"] for r in ranks]), "step": step}
+    return write_export(model, join_shards([r["ema"] for r in ranks]), step, out, extra)
+
+
+def write_export(weights: dict, ema: dict, step: int, out: str | Path, extra: dict | None = None) -> Path:
+    """The export file itself, written to a temporary name and renamed."""
+    out = Path(out)
+    payload = {"weights": weights, "ema": ema, "step": step}
     clash = set(payload) & set(extra or {})
     if clash:
         raise ValueError(f"export: extra keys {sorted(clash)} would overwrite the weights")

@@ -39,9 +39,12 @@ class Trainer:
     def __init__(self, cfg: Train, out: str | Path, model_fn: Callable[[], torch.nn.Module],
                  loss_fn: Callable[["Trainer", dict], torch.Tensor], seed: int = 0,
                  export_extra: dict | None = None, hooks: Iterable[Callable[["Trainer", int], None]] = (),
-                 hook_every: int | None = None, recipe=None, stage: str = "train"):
+                 hook_every: int | None = None, recipe=None, stage: str = "train",
+                 init: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None):
         """`hooks` run every `hook_every` steps (default cfg.sample_every; 0: never) on every rank.
-        `recipe` (its `logging` section) and `stage` name the run to the experiment trackers."""
+        `recipe` (its `logging` section) and `stage` name the run to the experiment trackers.
+        `init(model)` gives the weights a fresh run starts from (the trained weights and the EMA);
+        it is not called when there is a checkpoint to resume from."""
         import deepspeed
 
         if recipe is not None:
@@ -51,8 +54,15 @@ class Trainer:
         self.hook_every = cfg.sample_every if hook_every is None else hook_every
         self.export_extra = export_extra or {}
         self.rank, self.world, self.device = init_distributed()
+        self.checkpoints = Checkpoints(self.out / "checkpoints", cfg.keep_checkpoints)
+        latest = self.checkpoints.latest()
         _seed(seed)  # the same on every rank: identical initial weights
         model = model_fn()
+        start = init(model) if init is not None and latest is None else None
+        if init is not None and latest is not None and self.rank == 0:
+            log.info("resuming from a checkpoint: the starting weights given (init) are not read")
+        if start is not None:
+            model.load_state_dict(start)
         config = deepspeed_config(cfg, self.world)
         self.accum = config["gradient_accumulation_steps"]
         self.global_batch = config["train_batch_size"]
@@ -62,13 +72,13 @@ class Trainer:
         self.flops_per_image = getattr(model, "flops_per_image", lambda: None)()
         _seed(seed + 7919 * (self.rank + 1))  # each rank draws its own noise from here on
         self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, cfg.ema_warmup)
-        self.checkpoints = Checkpoints(self.out / "checkpoints", cfg.keep_checkpoints)
+        if start is not None and self.dtype != torch.float32:
+            _set_master_weights(self.engine.module, start, self.ema)
         self.step, self.position = 0, (0, 0)  # position: (epoch, samples of it this rank has used)
         self.stop = preemption.StopCheck(self.device)
-        self._resume()
+        self._resume(latest)
 
-    def _resume(self) -> None:
-        step = self.checkpoints.latest()
+    def _resume(self, step: int | None) -> None:
         if step is None:
             return
         state = self.checkpoints.load(self.engine, step)
@@ -145,6 +155,25 @@ class Trainer:
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         # training = forward + backward = 3 forward passes (a recomputed forward does not count)
         return {"mfu": 3 * self.flops_per_image * images_per_s / self.world / peak} if peak else {}
+
+
+def _set_master_weights(module: torch.nn.Module, start: dict[str, torch.Tensor], ema: ShardedEMA) -> None:
+    """In bf16/fp16 DeepSpeed fills its fp32 master weights from the module's rounded low-precision
+    ones, and our EMA starts from those too; under ZeRO 1-3 both get the starting weights' own fp32
+    values instead. ZeRO 0's optimizer wrappers expose no such mapping: there only the EMA does."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    unmapped = 0
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            if hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
+                safe_set_full_fp32_param(p, start[name].float().to(p.device))
+            else:
+                unmapped += 1
+    if unmapped:
+        log.warning(f"{unmapped} parameters start training from their values rounded to {p.dtype} (ZeRO stage 0 "
+                    "keeps no fp32 copy it lets us set); the EMA starts from the exact values; use ZeRO 1-3 for both")
+    ema.start_from(start)
 
 
 def _seed(seed: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dpt_scale.errors import RecipeError
+
 MiB = 2**20
 NONEMPTY = {"nonempty": True}
 SEED = {"min": 0}  # numpy's generators take no negative seed
@@ -92,6 +94,12 @@ class Train:
 
 
 @dataclass
+class DiffusionTrain(Train):
+    # 0 with diffusion.init: no training, the checkpoint exported as it is (to sample from it)
+    steps: int = field(default=1000, metadata={"min": 0})
+
+
+@dataclass
 class UViTModel:
     size: Literal["tiny", "mini", "S", "M", "L", "H"] = "tiny"
     patch_size: int = positive(2)
@@ -125,7 +133,15 @@ class Diffusion:
     # the `evaluate` section's evaluator and reference (0: grids only).
     fid_samples: int = field(default=0, metadata={"min": 0})
     latent: Latent = field(default_factory=Latent)
-    train: Train = field(default_factory=Train)
+    # A U-ViT checkpoint to start from (the reference's layout, e.g. the published ImageNet files,
+    # or a train-diffusion weights.pt): weights and EMA of a fresh run; a resumed run takes its own.
+    init: str | None = field(default=None, metadata=NONEMPTY)
+    train: DiffusionTrain = field(default_factory=DiffusionTrain)
+
+    def __post_init__(self):
+        if self.train.steps == 0 and self.init is None:
+            raise RecipeError("'diffusion.train.steps' is 0, which trains nothing: set diffusion.init to a "
+                              "checkpoint to sample from it as it is, or train at least 1 step")
 
 
 @dataclass

@@ -10,9 +10,11 @@ keys, so the pseudo-labels join them exactly as they join the images.
 Outputs in OUT/diffusion: checkpoints/, metrics.jsonl, samples/ (PNG grids of EMA samples, one row
 per class, decoded to pixels for latent models; with diffusion.fid_samples also fid.jsonl, an
 unguided in-training FID of the EMA model) and weights.pt ({"kind": "diffusion", "weights",
-"ema", "settings", ..., and for latent models "latent": the autoencoder the sampler decodes with}:
+"ema", "settings", ..., for latent models "latent": the autoencoder the sampler decodes with, and
+"init": the diffusion.init file the run started from, if any}:
 a plain `build_uvit(**settings)` loads either; `diffusion.export.load_diffusion` checks it
-against a recipe).
+against a recipe). diffusion.init starts a fresh run from a U-ViT checkpoint made elsewhere
+(diffusion/init.py); with diffusion.train.steps 0 that checkpoint is the export, untrained.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from dpt_scale.classification.pseudo_labels import load_pseudo_labels
 from dpt_scale.diffusion.autoencoder import sample_latent
 from dpt_scale.diffusion.export import latent_export, model_settings, training_set
+from dpt_scale.diffusion.init import load_init
 from dpt_scale.diffusion.latents import MOMENTS
 from dpt_scale.diffusion.loss import denoising_loss
 from dpt_scale.diffusion.probe import DiffusionProbe
@@ -46,6 +49,11 @@ def train_diffusion(recipe: Recipe) -> Path:
     latent = latent_export(recipe, manifest)
     schedule = build_schedule(cfg.schedule)
     out = layout(recipe).diffusion
+    export_extra = {"kind": "diffusion", "settings": settings, "schedule": cfg.schedule, "prediction": cfg.prediction,
+                    "classes": manifest.classes, "labels": cfg.labels, **({"latent": latent} if latent else {}),
+                    **({"init": str(cfg.init)} if cfg.init else {})}
+    if cfg.train.steps == 0:  # reads no labels: nothing is trained
+        return _export_init(recipe, settings, export_extra, out)
     pseudo = load_pseudo_labels(layout(recipe).pseudo_labels) if cfg.labels == "pseudo" else None
     if pseudo is None and manifest.unlabelled:
         raise UserError(f"{shards}: {manifest.unlabelled} of {manifest.num_samples} samples have no label, but "
@@ -75,11 +83,9 @@ def train_diffusion(recipe: Recipe) -> Path:
         return denoising_loss(trainer.engine, x.to(trainer.dtype), y, schedule, cfg.label_dropout,
                                      null_class=manifest.num_classes, prediction=cfg.prediction)
 
+    init = (lambda model: load_init(cfg.init, model, settings)) if cfg.init else None
     trainer = Trainer(cfg.train, out, model_fn=lambda: build_uvit(**settings), loss_fn=loss_fn, seed=recipe.seed,
-                      export_extra={"kind": "diffusion", "settings": settings, "schedule": cfg.schedule,
-                                    "prediction": cfg.prediction,
-                                    "classes": manifest.classes, "labels": cfg.labels,
-                                    **({"latent": latent} if latent else {})},
+                      export_extra=export_extra, init=init,
                       hooks=[DiffusionProbe(recipe, settings, schedule, manifest.classes, latent, out)],
                       recipe=recipe, stage="train-diffusion")
     loader_cfg = recipe.data.loader
@@ -90,3 +96,22 @@ def train_diffusion(recipe: Recipe) -> Path:
     if trainer.rank == 0:  # after the loader, which refuses a set too small for the batch
         save_recipe(recipe, out / "recipe.yaml")
     return trainer.fit(loader)
+
+
+def _export_init(recipe: Recipe, settings: dict, extra: dict, out: Path) -> Path:
+    """diffusion.train.steps 0: the diffusion.init checkpoint, checked, as this run's export (weights and
+    EMA alike), so that `sample` and everything after it run on it with no training."""
+    from dpt_scale.distributed import init_distributed
+    from dpt_scale.engine.export import write_export
+
+    rank, _, _ = init_distributed()
+    model = build_uvit(**settings)
+    state = {k: v.float() for k, v in load_init(recipe.diffusion.init, model, settings).items()}  # every rank checks
+    weights = out / "weights.pt"
+    if rank == 0:
+        ema = {name: state[name] for name, p in model.named_parameters() if p.requires_grad}
+        write_export(state, ema, 0, weights, extra)
+        save_recipe(recipe, out / "recipe.yaml")
+        log.info(f"diffusion.train.steps is 0: {recipe.diffusion.init} exported untrained as {weights}")
+    torch.distributed.barrier()
+    return weights
