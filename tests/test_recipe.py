@@ -132,7 +132,6 @@ def test_values_outside_a_key_rules_are_refused(override, fragment):
      "per image channel (1)"),
     (["classifier.model.mean=[0.5]", "classifier.model.std=[0.2, 0.2, 0.2]"], "'classifier.model.mean' has 1 values "
      "and 'classifier.model.std' 3"),
-    (["diffusion.train.lr=0"], "'diffusion.train.lr' must be above 0.0"),
     (["seed=-1"], "'seed' must be at least 0"),
     (["diffusion.train.steps=99999999999999999999"], "'diffusion.train.steps' is too large"),
 ])

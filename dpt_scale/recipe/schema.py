@@ -74,7 +74,7 @@ class Train:
     micro_batch: int = positive(64)  # samples per rank per forward/backward
     grad_accum: int | None = field(default=None, metadata={"min": 1})  # default: from global_batch, else 1
     global_batch: int | None = field(default=None, metadata={"min": 1})  # checked: micro x accum x ranks
-    lr: float = field(default=2e-4, metadata={"above": 0.0})
+    lr: float = field(default=2e-4, metadata={"min": 0.0})
     weight_decay: float = field(default=0.03, metadata={"min": 0.0})
     betas: list[float] = field(default_factory=lambda: [0.99, 0.99],
                                metadata={"length": 2, "items": {"min": 0.0, "below": 1.0}})
@@ -336,7 +336,7 @@ class TrainedEvaluator:
     model: str = "test_resnet"  # any timm model
     steps: int = positive(2000)
     micro_batch: int = positive(128)
-    lr: float = field(default=3e-3, metadata={"above": 0.0})
+    lr: float = field(default=3e-3, metadata={"min": 0.0})
     augment: Augment = field(default_factory=lambda: Augment(translate=0.1))  # the weak view only
 
 
