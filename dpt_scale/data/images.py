@@ -27,7 +27,7 @@ class EncodeSettings:
 class Encoded:
     key: str
     data: bytes
-    label: int
+    label: int | None  # None: an unlabelled sample
     shape: tuple[int, int, int]  # (C, H, W)
 
 
@@ -67,11 +67,19 @@ def encode_array(item: tuple[str, np.ndarray, int], s: EncodeSettings) -> Encode
 
 
 def encode_file(item: tuple[str, str, int], s: EncodeSettings) -> Encoded | Unreadable:
-    """Decode a file fully (so that a damaged one is caught here, not in training) and encode it.
-    A JPEG that needs no change keeps its original bytes: no second lossy compression."""
     key, path, label = item
     try:
         raw = Path(path).read_bytes()  # once: decoded below, and kept as is when no change is needed
+    except OSError as exc:
+        return Unreadable(key, str(path), f"{type(exc).__name__}: {exc}")
+    return encode_bytes(key, raw, label, s, str(path))
+
+
+def encode_bytes(key: str, raw: bytes, label: int | None, s: EncodeSettings, origin: str) -> Encoded | Unreadable:
+    """Decode an image fully (so that a damaged one is caught here, not in training) and encode it.
+    A JPEG that needs no change keeps its original bytes: no second lossy compression. `origin`
+    says where the bytes came from, for the report of an unreadable image."""
+    try:
         with Image.open(io.BytesIO(raw)) as img:
             if s.image_size is not None and img.format == "JPEG":
                 img.draft(MODES[s.channels], (s.image_size, s.image_size))  # DCT-domain downscale: fast
@@ -81,5 +89,5 @@ def encode_file(item: tuple[str, str, int], s: EncodeSettings) -> Encoded | Unre
                 return Encoded(key, raw, label, (s.channels, img.height, img.width))
             data, shape = encode_pil(img, s)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        return Unreadable(key, str(path), f"{type(exc).__name__}: {exc}")
+        return Unreadable(key, origin, f"{type(exc).__name__}: {exc}")
     return Encoded(key, data, label, shape)

@@ -1,15 +1,17 @@
 """Where `dpt-scale data import` gets images: a registry of sources, each turning the recipe's
 `data` section into class names and, per split, a list of items (key, payload, label).
 
-Keys are stable: derived from the source index (arrays) or the relative path (files), never from
-the import order. Payloads are arrays ("array" sources) or file paths ("file" sources).
+Keys are stable: derived from the source index (arrays), the relative path (files) or taken from
+the input shards (webdataset), never from the import order. Payloads are arrays ("array" sources)
+or file paths ("file" sources); a "shards" source lists its input shards instead, each item
+(url, url, version), and `read(url)` gives their samples in the import workers.
 """
 from __future__ import annotations
 
 import importlib.resources
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +27,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 @dataclass
 class Source:
-    classes: list[str]
+    classes: list[str] | None  # None: as many as the labels need, named by index (known once read)
     splits: dict[str, list[tuple]]  # "train" / "val" -> [(key, payload, label), ...]
-    kind: str  # "array" or "file"
+    kind: str  # "array", "file" or "shards"
     channels: int  # what the source has; the recipe may ask for another
     notes: list[str] = field(default_factory=list)  # things the user should know, printed once
+    # "shards": (key, image field, image bytes, label) of each sample of one input shard
+    read: Callable[[str], Iterator[tuple]] | None = None
+    settings: dict = field(default_factory=dict)  # the source's own keys that change the shards
 
 
 SOURCES: dict[str, Callable[[Data], Source]] = {}
@@ -139,3 +144,24 @@ def path_key(relative: Path) -> str:
     webdataset key early) and whitespace replaced by '_'. n01440764/n01440764_10026.JPEG ->
     n01440764/n01440764_10026."""
     return re.sub(r"[.\s]", "_", relative.with_suffix("").as_posix())
+
+
+@register("webdataset")
+def webdataset(cfg: Data) -> Source:
+    """Tar shards made by other tools (img2dataset, webdataset's ShardWriter): paths are URLs in
+    webdataset's syntax (data-{000000..000099}.tar, pipe:CMD, http://...), val_paths likewise.
+    Samples keep their keys and their order; each input shard becomes one group of output shards."""
+    from dpt_scale.data.webdataset import ShardReader, expand_urls, version
+
+    if not cfg.paths:
+        raise UserError("data import webdataset expects one or more URLs: tar files, brace ranges "
+                        "(data-{000000..000099}.tar), pipe: commands or http(s) URLs; got none")
+    reader = ShardReader.from_settings(cfg.webdataset)
+    splits = {"train": expand_urls(cfg.paths, "the URLs (data.paths)")}
+    if cfg.val_paths:
+        splits["val"] = expand_urls(cfg.val_paths, "--val (data.val_paths)")
+    classes = None if reader.classes is None else list(reader.classes)
+    settings = {"image": list(reader.image), "label": reader.label if reader.label_field else None,
+                "classes": classes}
+    return Source(classes, {split: [(url, url, version(url)) for url in urls] for split, urls in splits.items()},
+                  "shards", channels=3, read=reader.samples, settings={"webdataset": settings})

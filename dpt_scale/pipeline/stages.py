@@ -137,8 +137,14 @@ IMPORT_KEYS = ("data.source", "data.paths", "data.val_paths", "data.val_fraction
                "data.channels", "data.format", "data.quality", "data.shard_samples", "data.shard_bytes", "data.seed")
 CLASSIFIER = ("classifier", "!classifier.pseudo_label", "!classifier.retrain")
 
+
+def _import_parts(recipe: Recipe) -> tuple[str, ...]:
+    """The webdataset keys count only for that source (so that other imports keep their hash)."""
+    return IMPORT_KEYS + (("data.webdataset",) if recipe.data.source == "webdataset" else ())
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("import", "dpt_scale.pipeline.stages:_import", IMPORT_KEYS, lambda r: (),
+    Stage("import", "dpt_scale.pipeline.stages:_import", _import_parts, lambda r: (),
           _in_data_root("train", "val"), distributed=False, summary="images into train/val shard sets"),
     Stage("subset", "dpt_scale.pipeline.stages:_subset", ("data.labelled",), lambda r: ("import",),
           _out("labelled"), distributed=False, summary="the labelled keys"),

@@ -44,11 +44,24 @@ class Loader:
 
 
 @dataclass
+class WebDatasetInput:
+    """`data.source: webdataset`: which members of the input shards' samples hold the image and the label."""
+
+    image: str = field(default="jpg;png;webp", metadata=NONEMPTY)  # webdataset's `;`: the first field present
+    # FIELD (`cls`, `txt`: an integer, or a class name), FIELD:KEY (a key of a JSON member, e.g.
+    # json:label; KEY may be a dotted path), or `none` (import without labels)
+    label: str = field(default="cls", metadata=NONEMPTY)
+    # class names in index order, or a text file of them one per line; labels that are not
+    # integers are looked up here. Default: classes 0..max label, named by their index.
+    classes: list[str] | str | None = field(default=None, metadata={"nonempty": True, "items": NONEMPTY})
+
+
+@dataclass
 class Data:
     """Where images come from (`data import`) and where their shards live."""
 
-    source: Literal["mnist", "imagefolder", "idx"] = "mnist"
-    # imagefolder: [ROOT]; idx: [IMAGES, LABELS]
+    source: Literal["mnist", "imagefolder", "idx", "webdataset"] = "mnist"
+    # imagefolder: [ROOT]; idx: [IMAGES, LABELS]; webdataset: URLs (data-{000000..000099}.tar, pipe:CMD)
     paths: list[str] = field(default_factory=list, metadata={"items": NONEMPTY})
     val_paths: list[str] = field(default_factory=list, metadata={"items": NONEMPTY})  # same form, for validation
     val_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})
@@ -62,6 +75,7 @@ class Data:
     shard_bytes: int = positive(256 * MiB)
     import_workers: int = positive(2)
     seed: int = field(default=0, metadata=SEED)  # shuffles the import order so that every shard mixes all classes
+    webdataset: WebDatasetInput = field(default_factory=WebDatasetInput)
     labelled: LabelledSubset = field(default_factory=LabelledSubset)
     loader: Loader = field(default_factory=Loader)
 

@@ -129,25 +129,30 @@ def estimate_size(fields: dict) -> int:
 
 @dataclass
 class SetStats:
-    """What the manifest says about a set's samples; parts written apart (by import workers) merge."""
+    """What the manifest says about a set's samples; parts written apart (by import workers) merge.
+    With `grows`, the class histogram lengthens to the largest label seen (classes named later)."""
 
     histogram: list[int]
     unlabelled: int = 0
     channels: set[int] = field(default_factory=set)
     min_size: tuple[int, int] | None = None
     max_size: tuple[int, int] | None = None
+    grows: bool = False
 
     def add(self, cls: int | None, image_shape: tuple[int, int, int] | None) -> None:
         if cls is None:
             self.unlabelled += 1
         else:
+            if self.grows and int(cls) >= len(self.histogram):
+                self.histogram += [0] * (int(cls) + 1 - len(self.histogram))
             self.histogram[int(cls)] += 1
         if image_shape is not None:
             c, h, w = image_shape
             self.merge(SetStats([0] * len(self.histogram), 0, {c}, (h, w), (h, w)))
 
     def merge(self, other: "SetStats") -> None:
-        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
+        histogram = self.histogram + [0] * (len(other.histogram) - len(self.histogram))
+        self.histogram = [n + (other.histogram[c] if c < len(other.histogram) else 0) for c, n in enumerate(histogram)]
         self.unlabelled += other.unlabelled
         self.channels |= other.channels
         if other.min_size is not None:
@@ -156,8 +161,18 @@ class SetStats:
             self.max_size = other.max_size if self.max_size is None else \
                 (max(self.max_size[0], other.max_size[0]), max(self.max_size[1], other.max_size[1]))
 
-    def manifest(self, entries: list[ShardEntry], classes: list[str], image_field: str | None,
+    def to_json(self) -> dict:
+        return {"histogram": self.histogram, "unlabelled": self.unlabelled, "channels": sorted(self.channels),
+                "min_size": self.min_size, "max_size": self.max_size, "grows": self.grows}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SetStats":
+        sizes = [None if data[k] is None else tuple(data[k]) for k in ("min_size", "max_size")]
+        return cls(list(data["histogram"]), data["unlabelled"], set(data["channels"]), *sizes, data["grows"])
+
+    def manifest(self, entries: list[ShardEntry], classes: list[str] | None, image_field: str | None,
                  meta: dict) -> Manifest:
+        """`classes` None: the classes are named by their index, 0 to the largest label."""
         image = None
         if image_field is not None and self.min_size is not None:
             if len(self.channels) != 1:
@@ -165,17 +180,19 @@ class SetStats:
             image = {"field": image_field, "channels": next(iter(self.channels)),
                      "size": list(self.min_size) if self.min_size == self.max_size else None,
                      "min_size": list(self.min_size), "max_size": list(self.max_size)}
+        if classes is None:
+            classes = [str(c) for c in range(len(self.histogram))]
         return Manifest(entries, classes, self.histogram, self.unlabelled, image, meta)
 
 
 class ShardSetWriter:
     """A directory of shards `PREFIX-000000.tar`, ... rolled over by sample count and bytes, then
-    `manifest.json`, written last. Samples with `cls` feed the class histogram; pass each image's
-    (channels, height, width) so that the manifest can describe the images. `name(i)` may choose
-    the shard names instead, and `save_manifest=False` leaves the manifest to the caller (for sets
-    written in parts)."""
+    `manifest.json`, written last. Samples with `cls` feed the class histogram (`classes` None: as
+    many classes as the largest label needs, named by index); pass each image's (channels, height,
+    width) so that the manifest can describe the images. `name(i)` may choose the shard names
+    instead, and `save_manifest=False` leaves the manifest to the caller (for sets written in parts)."""
 
-    def __init__(self, directory: str | os.PathLike, *, classes: list[str], prefix: str = "shard",
+    def __init__(self, directory: str | os.PathLike, *, classes: list[str] | None, prefix: str = "shard",
                  max_samples: int = 1000, max_bytes: int = 256 * 2**20, image_field: str | None = "png",
                  meta: dict | None = None, name: Callable[[int], str] | None = None, save_manifest: bool = True):
         self.dir = Path(directory)
@@ -183,7 +200,7 @@ class ShardSetWriter:
         self.name = name or (lambda i: f"{prefix}-{i:06d}.tar")
         self.max_samples, self.max_bytes, self.save_manifest = max_samples, max_bytes, save_manifest
         self.classes, self.image_field, self.meta = classes, image_field, meta or {}
-        self.stats = SetStats([0] * len(classes))
+        self.stats = SetStats([0] * len(classes)) if classes is not None else SetStats([], grows=True)
         self.entries: list[ShardEntry] = []
         self._shard: ShardWriter | None = None
 
