@@ -121,6 +121,15 @@ def test_samples_without_labels_are_imported_unlabelled(tmp_path):
     assert manifest.unlabelled == 6 and manifest.classes == [] and manifest.num_samples == 6
 
 
+def test_shards_written_class_by_class_are_imported_with_a_warning(tmp_path, capfd):
+    jpg = encoded(pixels(0), "JPEG")
+    write_shards(str(tmp_path / "data-%06d.tar"), [{"__key__": f"{i:03d}", "jpg": jpg, "cls": i // 4}
+                                                   for i in range(12)], per_shard=4)
+    assert run(str(tmp_path / "data-{000000..000002}.tar"), "--out", tmp_path / "out") == 0
+    assert "3 of the 3 input shards of the train split hold a single class each" in capfd.readouterr().err
+    assert Manifest.load(tmp_path / "out" / "train").class_histogram == [4, 4, 4]
+
+
 def test_resize_is_the_imagefolder_one_and_a_corrupt_image_is_counted(tmp_path, capfd):
     arrays = {f"{i:03d}": pixels(i, (30, 40)) for i in range(8)}
     samples = [{"__key__": k, "png": encoded(a, "PNG"), "cls": i % 2} for i, (k, a) in enumerate(arrays.items())]

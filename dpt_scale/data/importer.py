@@ -223,6 +223,14 @@ def _check_shards(tasks: list[_Group], results: dict[int, _Result], hold_out: fl
         raise UserError(f"the {tasks[0].split} input shards hold no samples{held}: {named}; check the URLs")
     if empty and hold_out is None:
         log.warning(f"{len(empty)} input shard(s) hold no samples: {named}")
+    # Samples keep their input order, and the loader mixes them only within its shuffle buffer.
+    histograms = [results[t.index].stats.histogram for t in tasks if results[t.index].samples > 1]
+    single = sum(sum(n > 0 for n in h) == 1 for h in histograms)
+    if len({c for h in histograms for c, n in enumerate(h) if n}) > 1 and single >= 0.75 * len(histograms):
+        log.warning(f"{single} of the {len(histograms)} input shards of the {tasks[0].split} split hold a single "
+                    "class each: samples keep their order, so training batches (mixed only within "
+                    "data.loader.shuffle_buffer) would hold few classes; shuffle the samples across shards when "
+                    "writing them")
     _check_unique_keys(tasks, results)
 
 
