@@ -229,7 +229,9 @@ def test_bad_inputs_are_one_line(tmp_path, monkeypatch, capfd, args, fragments):
     bad_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("no_proxy", "*")  # curl straight to the closed local port, whatever proxy is set
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
     assert run(*args, "--out", "o") == 2
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.name != "o"} == before  # the inputs untouched
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
