@@ -70,7 +70,8 @@ def test_config_follows_the_recipe_and_merges_the_passthrough():
 def test_impossible_batch_is_a_one_line_error_from_the_cli(tmp_path):
     result = run_cli("train-diffusion", str(recipe(tmp_path)), "--set", "diffusion.train.global_batch=20")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: batch sizes do not add up: global_batch 20 != micro_batch 8" in result.stderr.splitlines()[-1]
+    assert "error: recipe: 'diffusion.train.global_batch' 20 is not a multiple of micro_batch 8" in \
+        result.stderr.splitlines()[-1]
 
 
 # ---------------------------------------------------------------- real runs

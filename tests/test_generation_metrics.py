@@ -253,7 +253,7 @@ def test_diffusion_probe_samples_the_ema_weights_and_scores_them(tmp_path, mnist
     write_set(tmp_path / "data" / "val", mnist["val"][:200])
     recipe = load_recipe(None, [f"out={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
                                 "classifier.pseudo_label.workers=0", "evaluate.kid_subset_size=20",
-                                "diffusion.fid_samples=30", "sample.batch=16"])
+                                "diffusion.fid_samples=30", "diffusion.train.sample_every=1", "sample.batch=16"])
     settings = dict(size="tiny", img_size=28, patch_size=4, in_chans=1, num_classes=10)
     classes = [str(c) for c in range(10)]
 

@@ -50,7 +50,9 @@ def deepspeed_config(cfg: Train, world_size: int) -> dict:
     }
     if cfg.grad_clip > 0:
         config["gradient_clipping"] = cfg.grad_clip
-    if cfg.offload == "cpu":  # with ZeRO 1-3 (recipe/rules.py)
+    if cfg.offload == "cpu":
+        if cfg.zero_stage == 0:  # recipes are refused at load (recipe/rules.py); this is for Train built in code
+            raise UserError("train.offload: cpu needs ZeRO stage 1, 2 or 3 (train.zero_stage)")
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if cfg.warmup_steps or cfg.lr_schedule != "constant":
         warmup = max(1, cfg.warmup_steps)  # DeepSpeed wants a positive count
