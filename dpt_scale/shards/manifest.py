@@ -30,8 +30,9 @@ class ShardEntry:
     # Byte offsets of samples 0, k, 2k, ... (k = Manifest.index_every), so that a reader can start
     # inside a shard without walking it from the top. Empty for shards written by other tools.
     offsets: list[int] = field(default_factory=list)
-    # [start, end) of the shard's `__index__` member (index.py); empty for shards without one.
+    # [start, end) of the shard's `__index__` member (index.py) and its sha256; empty for shards without one.
     index: list[int] = field(default_factory=list)
+    index_sha256: str = ""
 
 
 @dataclass

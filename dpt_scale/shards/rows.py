@@ -77,7 +77,7 @@ def _index(path: Path, mm: mmap.mmap, entry: ShardEntry) -> tuple[np.ndarray, Sh
     missing or unreadable (a shard cut short loses it first: it is the last member) is walked."""
     if entry.index:
         try:
-            return read_index(path, mm, entry.index, entry.samples), None
+            return read_index(path, mm, entry.index, entry.samples, entry.index_sha256), None
         except ShardError as exc:
             index, fault = walk_index(path, mm)
             if fault is None:

@@ -112,7 +112,7 @@ def _check_index(path: Path, entry: ShardEntry, fault) -> None:
     mm, _ = open_map(str(path))
     with mm:
         try:
-            stored = read_index(path, mm, entry.index, entry.samples)
+            stored = read_index(path, mm, entry.index, entry.samples, entry.index_sha256)
         except ShardError as exc:
             fault(Fault(entry.name, INDEX_MEMBER, str(exc).removeprefix(f"{path}: ")))
             return
