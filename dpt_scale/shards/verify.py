@@ -80,7 +80,7 @@ def _verify_shard(job) -> ShardReport:
     report = ShardReport(entry, [], [], Counter())
     fault = report.faults.append
     if not path.is_file():
-        fault(Fault(entry.name, None, "missing"))
+        fault(Fault(entry.name, None, "a folder, not a shard" if path.is_dir() else "missing"))
         return report
     size = path.stat().st_size
     if size != entry.bytes:
