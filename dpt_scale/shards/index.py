@@ -136,7 +136,9 @@ def walk_index(path, mm: mmap.mmap) -> tuple[np.ndarray, TarFormatError | None]:
     fault, and that fault (None for a sound shard)."""
     builder = IndexBuilder()
     try:
-        for key, _, spans in sample_spans(str(path), mm, len(mm)):
+        # headers checked: this walk is all a reader knows of the shard, so a flipped bit in a
+        # name or type would read as another key, or a label lost
+        for key, _, spans in sample_spans(str(path), mm, len(mm), check_headers=True):
             cls = spans.get("cls")
             builder.add(key, NO_LABEL if cls is None else parse_label(mm[cls[0]:cls[1]]), spans)
     except TarFormatError as exc:
