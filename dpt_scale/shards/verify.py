@@ -19,7 +19,7 @@ from PIL import Image
 
 from dpt_scale.errors import ShardError
 from dpt_scale.shards.index import INDEX_MEMBER, read_index, walk_index
-from dpt_scale.shards.manifest import Manifest, ShardEntry
+from dpt_scale.shards.manifest import IMAGE_FIELDS, Manifest, ShardEntry
 from dpt_scale.shards.tar import TarFormatError, iter_samples, open_map
 from dpt_scale.shards.writer import TMP_SUFFIX
 
@@ -134,6 +134,9 @@ def _check_sample(shard: str, sample: dict, image: dict | None, num_classes: int
         except ValueError:
             fault(Fault(shard, f"{key}.cls", f"label {sample['cls'][:20]!r} is not a class index below {num_classes}"))
     if image is None:
+        found = [ext for ext in IMAGE_FIELDS if ext in sample]
+        if found:  # the readers of images refuse a set whose manifest describes none
+            fault(Fault(shard, f"{key}.{found[0]}", "an image, but the manifest describes no images"))
         return
     field = image["field"]
     if field not in sample:
