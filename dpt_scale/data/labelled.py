@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dpt_scale.data.subset import read_list
+from dpt_scale.data.subset import read_list, shown
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.decode import ImageDecodeError, decode_image
 from dpt_scale.shards.index import parse_label
@@ -74,7 +74,7 @@ class LabelledBank:
             log.warning(f"{shard_dir}: {len(damaged)} damaged shard(s) read up to the damage while finding the "
                         f"labelled images, none of which was lost (on_corrupt=skip): {damaged[0]}")
         if missing:
-            raise UserError(f"{subset_file}: {len(missing)} key(s) are not in {shard_dir}, e.g. {missing[:3]}; "
+            raise UserError(f"{subset_file}: {len(missing)} key(s) are not in {shard_dir}, e.g. {shown(missing)}; "
                             "make the subset from this shard set (`dpt-scale data subset`)")
         keys = sorted(found)
         try:
