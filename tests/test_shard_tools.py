@@ -1,4 +1,5 @@
 """`dpt-scale shards ls|stat|verify|show` and the same through tools/shards.py."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -59,6 +60,9 @@ def test_verify_checks_each_shards_sample_index_against_its_samples(tmp_path):
     at = data.find("s00021".encode("utf-32-le"), entry.index[0])  # the index's second key
     data[at + 5 * 4] = ord("7")  # now says s00027
     (shards / entry.name).write_bytes(bytes(data))
+    manifest = json.loads((shards / "manifest.json").read_text())  # as a writer with a bug in its index says
+    manifest["shards"][1]["index_sha256"] = hashlib.sha256(data[entry.index[0]:entry.index[1]]).hexdigest()
+    (shards / "manifest.json").write_text(json.dumps(manifest))
     result = verify(shards)
     assert result.returncode == 1
     assert any(entry.name in l and "__index__" in l and "sample index differs" in l for l in result.stdout.splitlines())

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from dpt_scale.data.subset import read_list
+from dpt_scale.data.subset import read_list, shown
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.decode import ImageDecodeError, decode_image
+from dpt_scale.shards.index import parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import TarFormatError, iter_samples
 
@@ -60,7 +61,11 @@ class LabelledBank:
                     problem = f"has no .{field} member" if isinstance(exc, KeyError) else f"does not decode ({exc})"
                     raise ShardError(f"{path}: labelled sample '{key}' {problem}; run `dpt-scale shards verify "
                                      f"{shard_dir}`, then restore or re-import the set") from None
-                found[key] = (image, int(sample["cls"]))
+                label = parse_label(sample["cls"])
+                if not 0 <= label < manifest.num_classes:
+                    raise ShardError(f"{path}: member '{key}.cls' is not a class index below {manifest.num_classes}; "
+                                     f"run `dpt-scale shards verify {shard_dir}`, then restore or re-import the set")
+                found[key] = (image, label)
         missing = sorted(wanted - found.keys())
         if missing and damaged:
             raise ShardError(f"{len(missing)} labelled image(s), e.g. {missing[0]}, may be in damaged shards "
@@ -69,7 +74,7 @@ class LabelledBank:
             log.warning(f"{shard_dir}: {len(damaged)} damaged shard(s) read up to the damage while finding the "
                         f"labelled images, none of which was lost (on_corrupt=skip): {damaged[0]}")
         if missing:
-            raise UserError(f"{subset_file}: {len(missing)} key(s) are not in {shard_dir}, e.g. {missing[:3]}; "
+            raise UserError(f"{subset_file}: {len(missing)} key(s) are not in {shard_dir}, e.g. {shown(missing)}; "
                             "make the subset from this shard set (`dpt-scale data subset`)")
         keys = sorted(found)
         try:

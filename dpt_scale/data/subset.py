@@ -95,10 +95,10 @@ def subset_from_list(labels: dict[str, int], names: list[str]) -> list[str]:
         else:
             keys.append(match)
     if missing:
-        raise UserError(f"{len(missing)} listed name(s) match no sample of the shard set, e.g. {missing[:3]}; "
+        raise UserError(f"{len(missing)} listed name(s) match no sample of the shard set, e.g. {shown(missing)}; "
                         "check that the list belongs to this data set")
     if ambiguous:
-        raise UserError(f"{len(ambiguous)} listed name(s) match several samples, e.g. {ambiguous[:3]}; "
+        raise UserError(f"{len(ambiguous)} listed name(s) match several samples, e.g. {shown(ambiguous)}; "
                         "list full keys (CLASS/NAME) instead")
     if len(set(keys)) != len(keys):
         raise UserError("the list names some images twice; remove the duplicates")
@@ -110,11 +110,30 @@ def read_list(path: str | Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"list file not found: {path} (--from-list / data.labelled.list: a text file of keys "
                         "or file names, one per line)")
-    names = [line.strip() for line in path.read_text().splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # (-sig: the byte-order mark some editors put first is not part of a key)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+                        "save it as UTF-8") from None
+    names, lines = [], {}
+    for number, line in enumerate(text.splitlines(), 1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name in lines:  # a set of keys, read twice, would silently be one image fewer than listed
+            raise UserError(f"{path} lists {shown([name])} twice (lines {lines[name]} and {number}); "
+                            "remove the duplicates")
+        lines[name] = number
+        names.append(name)
     if not names:
         raise UserError(f"{path} lists no keys")
     return names
+
+
+def shown(names: list[str], most: int = 3, width: int = 80) -> str:
+    """The first names of a list for a message, each cut to `width` characters (a list may hold any line)."""
+    return repr([n if len(n) <= width else n[:width] + "..." for n in names[:most]])
 
 
 def write_subset(path: str | Path, keys: list[str], labels: dict[str, int], header: list[str]) -> None:

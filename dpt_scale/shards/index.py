@@ -15,8 +15,10 @@ in the tar ([-1, -1] where a sample lacks it).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
+from tokenize import TokenError
 
 import numpy as np
 
@@ -73,33 +75,43 @@ class IndexBuilder:
 
 def load_npy(data: bytes) -> np.ndarray:
     """A .npy array from its bytes; a spurious SystemError of Python 3.11's parser (compat.py) is
-    retried, as the bytes are fine."""
+    retried, as the bytes are fine. Damage is a ValueError."""
     for attempt in range(3):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except SystemError as exc:
             if SPURIOUS_AST_ERROR not in str(exc) or attempt == 2:
                 raise
+        except (SyntaxError, TokenError) as exc:  # numpy parses a damaged header as Python
+            raise ValueError(f"its header does not parse ({exc})") from None
+        except EOFError:
+            raise ValueError("no array in it (empty)") from None
 
 
-def read_index(path, mm: mmap.mmap, span: list[int], samples: int) -> np.ndarray:
-    """The index stored in a shard at `span` (from its manifest entry); a ShardError if it is not
-    there or does not fit the shard (a tar replaced after its manifest was written)."""
+def read_index(path, mm: mmap.mmap, span: list[int], samples: int, sha256: str = "") -> np.ndarray:
+    """The index stored in a shard at `span` (from its manifest entry, with the sha256 of its bytes
+    where the manifest has one); a ShardError if it is not there, damaged, or does not fit the
+    shard (a tar replaced after its manifest was written). The checksum matters: readers take
+    keys, labels and member positions from the index alone, so one flipped bit in it would
+    otherwise read as another label or image."""
     start, end = span
     problem = None
     if end > len(mm) or start < BLOCK or mm[start - BLOCK:start - BLOCK + len(INDEX_MEMBER) + 1] != \
             INDEX_MEMBER.encode() + b"\0":
         problem = "the manifest's index member is not where it says"
+    elif sha256 and hashlib.sha256(mm[start:end]).hexdigest() != sha256:
+        problem = "its index member's sha256 differs from the manifest's (damaged)"
     else:
         try:
             index = load_npy(mm[start:end])
         except ValueError as exc:
             problem = f"its index member does not load ({exc})"
         else:
-            spans = [index[name] for name in index.dtype.names if name.startswith("span:")]
-            if len(index) != samples:
+            if not _columns_fit(index):
+                problem = f"its index member is not a table of keys, labels and spans ({index.dtype}, {index.shape})"
+            elif len(index) != samples:
                 problem = f"its index lists {len(index)} samples, the manifest {samples}"
-            elif any((s[:, 1] > start - BLOCK).any() or (s[:, 0] > s[:, 1]).any() for s in spans):
+            elif any((s[:, 1] > start - BLOCK).any() or (s[:, 0] > s[:, 1]).any() for s in _spans(index)):
                 problem = "its index points outside the samples' bytes"
     if problem:
         raise ShardError(f"{path}: {problem}; run `dpt-scale shards verify` on its set (the shard was "
@@ -107,12 +119,26 @@ def read_index(path, mm: mmap.mmap, span: list[int], samples: int) -> np.ndarray
     return index
 
 
+def _spans(index: np.ndarray) -> list[np.ndarray]:
+    return [index[name] for name in index.dtype.names if name.startswith("span:")]
+
+
+def _columns_fit(index: np.ndarray) -> bool:
+    """The columns IndexBuilder writes, of the kinds it writes them in."""
+    names, dtype = index.dtype.names or (), index.dtype
+    return (index.ndim == 1 and "key" in names and "label" in names and dtype["key"].kind == "U"
+            and dtype["label"].kind == "i" and all(dtype[n].base.kind == "i" and dtype[n].shape == (2,)
+                                                   for n in names if n.startswith("span:")))
+
+
 def walk_index(path, mm: mmap.mmap) -> tuple[np.ndarray, TarFormatError | None]:
     """The index of a shard without one, by walking its headers: the samples up to the first
     fault, and that fault (None for a sound shard)."""
     builder = IndexBuilder()
     try:
-        for key, _, spans in sample_spans(str(path), mm, len(mm)):
+        # headers checked: this walk is all a reader knows of the shard, so a flipped bit in a
+        # name or type would read as another key, or a label lost
+        for key, _, spans in sample_spans(str(path), mm, len(mm), check_headers=True):
             cls = spans.get("cls")
             builder.add(key, NO_LABEL if cls is None else parse_label(mm[cls[0]:cls[1]]), spans)
     except TarFormatError as exc:

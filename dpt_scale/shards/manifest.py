@@ -14,11 +14,13 @@ from pathlib import Path
 
 from dpt_scale import jsonsafe
 from dpt_scale.errors import ShardError
+from dpt_scale.shards.tar import BLOCK
 
 MANIFEST = "manifest.json"
 FORMAT = "dpt_scale.shards/1"
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 INDEX_EVERY = 64  # the manifest records the byte offset of every 64th sample of each shard
+MAX_SIDE = 65535  # pixels: JPEG's limit, and more than any batch of images can hold
 
 
 @dataclass
@@ -30,8 +32,9 @@ class ShardEntry:
     # Byte offsets of samples 0, k, 2k, ... (k = Manifest.index_every), so that a reader can start
     # inside a shard without walking it from the top. Empty for shards written by other tools.
     offsets: list[int] = field(default_factory=list)
-    # [start, end) of the shard's `__index__` member (index.py); empty for shards without one.
+    # [start, end) of the shard's `__index__` member (index.py) and its sha256; empty for shards without one.
     index: list[int] = field(default_factory=list)
+    index_sha256: str = ""
 
 
 @dataclass
@@ -101,9 +104,68 @@ class Manifest:
             if data.get("format") != FORMAT:
                 raise ShardError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; re-create the shard set")
             data["shards"] = [ShardEntry(**s) for s in data["shards"]]
-            return cls(**data)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            manifest = cls(**data)
+            manifest.check()
+            return manifest
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise ShardError(f"{path} is damaged ({exc}); re-create the shard set or restore the file") from None
+
+    def check(self) -> None:
+        """A ValueError naming the first value that no writer of ours makes: every reader plans from
+        these values without opening a shard, so a wrong type or a name outside the set would fail
+        (or read elsewhere) far from here."""
+        names = set()
+        for i, s in enumerate(self.shards):
+            where = f"shards[{i}]"
+            if not isinstance(s.name, str) or s.name in ("", ".", "..") or "/" in s.name or "\0" in s.name:
+                raise ValueError(f"{where}.name {s.name!r} is not the name of a file in the set's folder")
+            if s.name in names:
+                raise ValueError(f"{where}.name {s.name!r} is listed twice")
+            names.add(s.name)
+            _whole(s.samples, f"{where}.samples")
+            _whole(s.bytes, f"{where}.bytes")
+            if s.samples * BLOCK > s.bytes:  # every sample has a member, every member a 512-byte header
+                raise ValueError(f"{where} lists {s.samples} samples in {s.bytes} bytes, more than fit")
+            for key in ("sha256", "index_sha256"):
+                if not isinstance(getattr(s, key), str):
+                    raise ValueError(f"{where}.{key} must be text, got {getattr(s, key)!r}")
+            _whole_list(s.offsets, f"{where}.offsets")
+            _whole_list(s.index, f"{where}.index")
+            if len(s.index) not in (0, 2) or s.index and not s.index[0] <= s.index[1] <= s.bytes:
+                raise ValueError(f"{where}.index must be [start, end] within its {s.bytes} bytes, got {s.index}")
+        if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError(f"classes must be a list of names, got {self.classes!r}")
+        _whole_list(self.class_histogram, "class_histogram")
+        if len(self.class_histogram) != len(self.classes):
+            raise ValueError(f"class_histogram has {len(self.class_histogram)} counts for {len(self.classes)} classes")
+        _whole(self.unlabelled, "unlabelled")
+        _whole(self.index_every, "index_every", least=1)
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a mapping, got {self.meta!r}")
+        if self.image is not None:
+            image = self.image
+            if not isinstance(image, dict) or image.get("field") not in IMAGE_FIELDS or \
+                    image.get("channels") not in (1, 3):
+                raise ValueError(f"image must name its field ({', '.join(IMAGE_FIELDS)}) and channels (1 or 3), "
+                                 f"got {image!r}")
+            for key in ("size", "min_size", "max_size"):
+                size = image.get(key, ())
+                if not (size is None and key == "size"):  # None: sizes vary
+                    _whole_list(size, f"image.{key}", least=1)
+                    if len(size) != 2 or max(size) > MAX_SIDE:
+                        raise ValueError(f"image.{key} must be [height, width] of at most {MAX_SIDE}, got {size!r}")
+
+
+def _whole(value, where: str, least: int = 0) -> None:
+    if type(value) is not int or value < least:  # (not bool, a subclass of int)
+        raise ValueError(f"{where} must be a whole number of at least {least}, got {value!r}")
+
+
+def _whole_list(values, where: str, least: int = 0) -> None:
+    if not isinstance(values, list):
+        raise ValueError(f"{where} must be a list of whole numbers, got {values!r}")
+    for i, value in enumerate(values):
+        _whole(value, f"{where}[{i}]", least)
 
 
 def write_json(path: str | os.PathLike, data, indent: int | None = None) -> Path:

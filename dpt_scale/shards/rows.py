@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dpt_scale.errors import ShardError
-from dpt_scale.shards.index import BAD_LABEL, NO_LABEL, read_index, walk_index
+from dpt_scale.shards.index import NO_LABEL, read_index, walk_index
 from dpt_scale.shards.manifest import Manifest, ShardEntry
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class ShardRows:
     path: Path
     field: str
     fault: str  # what cut the shard short, if it is
+    classes: int
 
     def explain(self, i: int) -> str:
         key = self.keys[i]
@@ -43,7 +44,7 @@ class ShardRows:
             CUT_SHORT: self.fault,
             NO_MEMBER: f"sample '{key}' has no .{self.field} member",
             CUT_MEMBER: f"truncated inside member '{key}.{self.field}'",
-            NOT_A_LABEL: f"member '{key}.cls' is not an integer"}[int(self.bad[i])]
+            NOT_A_LABEL: f"member '{key}.cls' is not a class index below {self.classes}"}[int(self.bad[i])]
 
 
 def shard_rows(manifest: Manifest, directory: Path, shard: int, mm: mmap.mmap, field: str,
@@ -52,6 +53,9 @@ def shard_rows(manifest: Manifest, directory: Path, shard: int, mm: mmap.mmap, f
     path = directory / entry.name
     index, fault = _index(path, mm, entry)
     n, have = entry.samples, min(len(index), entry.samples)
+    if len(index) > n:  # what the walk found: a stored index of another length is refused
+        raise ShardError(f"{path} holds {len(index)} samples but the manifest lists {n}: the manifest does not "
+                         f"match its shards; run `dpt-scale shards verify {directory}`")
     index = index[:have]
     names = index.dtype.names
     keys = index["key"] if have == n else np.concatenate([index["key"], np.full(n - have, "", dtype="U1")])
@@ -66,10 +70,11 @@ def shard_rows(manifest: Manifest, directory: Path, shard: int, mm: mmap.mmap, f
     bad[have:] = CUT_SHORT
     bad[:have][table[:have, END] > len(mm)] = CUT_MEMBER
     bad[:have][table[:have, START] < 0] = NO_MEMBER
-    bad[:have][table[:have, LABEL] == BAD_LABEL] = NOT_A_LABEL
+    label = table[:have, LABEL]
+    bad[:have][(label < NO_LABEL) | (label >= manifest.num_classes)] = NOT_A_LABEL  # BAD_LABEL, or out of range
     cut = str(fault).removeprefix(f"{path}: ") if fault else (
         f"ends after {have} samples but the manifest lists {n}; run `dpt-scale shards verify {directory}`")
-    return ShardRows(table, keys, bad if bad.any() else None, path, field, cut)
+    return ShardRows(table, keys, bad if bad.any() else None, path, field, cut, manifest.num_classes)
 
 
 def _index(path: Path, mm: mmap.mmap, entry: ShardEntry) -> tuple[np.ndarray, ShardError | None]:
@@ -77,7 +82,7 @@ def _index(path: Path, mm: mmap.mmap, entry: ShardEntry) -> tuple[np.ndarray, Sh
     missing or unreadable (a shard cut short loses it first: it is the last member) is walked."""
     if entry.index:
         try:
-            return read_index(path, mm, entry.index, entry.samples), None
+            return read_index(path, mm, entry.index, entry.samples, entry.index_sha256), None
         except ShardError as exc:
             index, fault = walk_index(path, mm)
             if fault is None:

@@ -22,6 +22,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 # ustar header: name, (mode uid gid), size, (mtime chksum), typeflag, (linkname), magic, (...), prefix
 _HEADER = struct.Struct("100s24x12s20xc100x6s82x155s")
 _REGULAR = (b"0", b"\0", b"7")
+_CONTROL = bytes(range(32)) + b"\x7f"
 
 
 class TarFormatError(ShardError):
@@ -45,7 +46,10 @@ def _octal(field: bytes) -> int:
 
 
 def _header_checksum_ok(header: bytes) -> bool:
-    return _octal(header[148:156]) == sum(header[:148]) + 8 * 32 + sum(header[156:])
+    try:
+        return _octal(header[148:156]) == sum(header[:148]) + 8 * 32 + sum(header[156:])
+    except ValueError:  # not even a number
+        return False
 
 
 def open_map(path: str) -> tuple[mmap.mmap, int]:
@@ -53,6 +57,9 @@ def open_map(path: str) -> tuple[mmap.mmap, int]:
         f = open(path, "rb")
     except FileNotFoundError:
         raise ShardError(f"{path}: shard is missing") from None
+    except IsADirectoryError:
+        raise ShardError(f"{path}: a folder where the manifest lists a shard; restore the shard or re-create the set") \
+            from None
     with f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -70,18 +77,20 @@ def walk_members(path: str, mm: mmap.mmap, size: int, check_headers: bool,
     first = pos
     while True:
         if pos + BLOCK > size:
-            where = f"after member '{last.decode(errors='replace')}'" if last else "at the start"
+            where = f"after member '{_shown(last)}'" if last else "at the start"
             raise TarFormatError(path, f"truncated: the archive ends {where} without an end-of-archive marker",
-                                 last.decode(errors="replace") or None)
+                                 _shown(last) or None)
         name, size_field, kind, magic, prefix = _HEADER.unpack_from(mm, pos)
         if name[:1] == b"\0" and mm[pos:pos + BLOCK] == _ZERO_BLOCK:
             return
         if check_headers and not _header_checksum_ok(mm[pos:pos + BLOCK]):
-            raise TarFormatError(path, f"corrupt tar header at byte {pos} (after member '{last.decode()}')")
+            raise _corrupt(path, pos, last)
         try:
             member_size = _octal(size_field) if pax_size is None else pax_size
         except ValueError:
-            raise TarFormatError(path, f"corrupt tar header at byte {pos} (after member '{last.decode()}')") from None
+            raise _corrupt(path, pos, last) from None
+        if member_size < 0:  # (int() takes a sign) the walk would go back and round again, forever
+            raise _corrupt(path, pos, last)
         pax_size = None
         name = name.partition(b"\0")[0]
         if magic == b"ustar\0" and prefix[:1] != b"\0":  # POSIX ustar keeps a path prefix here
@@ -90,9 +99,9 @@ def walk_members(path: str, mm: mmap.mmap, size: int, check_headers: bool,
         start = pos + BLOCK
         end = start + member_size
         if end > size:
-            raise TarFormatError(path, f"truncated inside member '{name.decode(errors='replace')}' "
+            raise TarFormatError(path, f"truncated inside member '{_shown(name)}' "
                                        f"({member_size} bytes declared, {max(size - start, 0)} present)",
-                                 name.decode(errors="replace"))
+                                 _shown(name))
         pos = start + (member_size + BLOCK - 1) // BLOCK * BLOCK
         if kind in _REGULAR:
             long_name = pax_name = None
@@ -111,11 +120,17 @@ def walk_members(path: str, mm: mmap.mmap, size: int, check_headers: bool,
             first = pos
 
 
+def _corrupt(path: str, pos: int, last: bytes) -> TarFormatError:
+    return TarFormatError(path, f"corrupt tar header at byte {pos} (after member '{_shown(last)}')")
+
+
 def _pax(data: bytes) -> tuple[bytes | None, int | None]:
     name = size = None
     while data:
         length, _, rest = data.partition(b" ")
         n = int(length)
+        if not len(length) + 2 <= n <= len(data):  # "N key=value\n" is N bytes: else no progress, or none left
+            raise ValueError(f"pax record length {n}")
         key, _, value = rest[: n - len(length) - 2].partition(b"=")
         if key == b"path":
             name = value
@@ -165,7 +180,7 @@ def sample_spans(path: str, mm: mmap.mmap, size: int, start: int = 0, stop: int 
         k = name[:dot] if dot >= 0 else name
         if k != key:  # a new sample starts
             if spans is not None:
-                yield key.decode(), offset, spans
+                yield _text(path, key), offset, spans
                 spans = None
             key, index = k, index + 1
             if stop is not None and index >= stop:
@@ -176,9 +191,27 @@ def sample_spans(path: str, mm: mmap.mmap, size: int, start: int = 0, stop: int 
             raw = name[dot + 1:] if dot >= 0 else b""
             ext = extensions.get(raw)
             if ext is None:
-                ext = extensions[raw] = raw.decode().lower()
+                ext = extensions[raw] = _text(path, name, raw).lower()
             if ext in spans:
-                raise TarFormatError(path, f"member '{name.decode()}' appears twice in a sample", name.decode())
+                raise TarFormatError(path, f"member '{_shown(name)}' appears twice in a sample", _shown(name))
             spans[ext] = (begin, end)
     if spans is not None:
-        yield key.decode(), offset, spans
+        yield _text(path, key), offset, spans
+
+
+def _text(path: str, name: bytes, part: bytes | None = None) -> str:
+    """`part` of a member name (all of it by default) as text. A name that is not UTF-8, or holds
+    control characters, is damage (a header's bytes read as a name): keys and extensions must be
+    text, and one line in a message."""
+    part = name if part is None else part
+    try:
+        if len(part.translate(None, _CONTROL)) == len(part):
+            return part.decode()
+    except UnicodeDecodeError:
+        pass
+    raise TarFormatError(path, f"'{_shown(name)}' in a member name is not a line of UTF-8 text", _shown(name))
+
+
+def _shown(name: bytes) -> str:
+    """A member name for a message: one line, whatever its bytes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name.decode(errors="backslashreplace"))

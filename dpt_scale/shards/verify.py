@@ -19,7 +19,7 @@ from PIL import Image
 
 from dpt_scale.errors import ShardError
 from dpt_scale.shards.index import INDEX_MEMBER, read_index, walk_index
-from dpt_scale.shards.manifest import Manifest, ShardEntry
+from dpt_scale.shards.manifest import IMAGE_FIELDS, Manifest, ShardEntry
 from dpt_scale.shards.tar import TarFormatError, iter_samples, open_map
 from dpt_scale.shards.writer import TMP_SUFFIX
 
@@ -80,7 +80,7 @@ def _verify_shard(job) -> ShardReport:
     report = ShardReport(entry, [], [], Counter())
     fault = report.faults.append
     if not path.is_file():
-        fault(Fault(entry.name, None, "missing"))
+        fault(Fault(entry.name, None, "a folder, not a shard" if path.is_dir() else "missing"))
         return report
     size = path.stat().st_size
     if size != entry.bytes:
@@ -112,7 +112,7 @@ def _check_index(path: Path, entry: ShardEntry, fault) -> None:
     mm, _ = open_map(str(path))
     with mm:
         try:
-            stored = read_index(path, mm, entry.index, entry.samples)
+            stored = read_index(path, mm, entry.index, entry.samples, entry.index_sha256)
         except ShardError as exc:
             fault(Fault(entry.name, INDEX_MEMBER, str(exc).removeprefix(f"{path}: ")))
             return
@@ -134,6 +134,9 @@ def _check_sample(shard: str, sample: dict, image: dict | None, num_classes: int
         except ValueError:
             fault(Fault(shard, f"{key}.cls", f"label {sample['cls'][:20]!r} is not a class index below {num_classes}"))
     if image is None:
+        found = [ext for ext in IMAGE_FIELDS if ext in sample]
+        if found:  # the readers of images refuse a set whose manifest describes none
+            fault(Fault(shard, f"{key}.{found[0]}", "an image, but the manifest describes no images"))
         return
     field = image["field"]
     if field not in sample:

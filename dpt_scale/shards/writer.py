@@ -87,23 +87,23 @@ class ShardWriter:
         self.samples += 1
         self.payload += estimate_size(fields)
 
-    def _write_index(self) -> list[int]:
+    def _write_index(self) -> tuple[list[int], str]:
         data = self.index.to_bytes()
         info = tarfile.TarInfo(INDEX_MEMBER)
         info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, self._tar.mode, "dpt", "dpt"
         self._tar.tarstream.addfile(info, io.BytesIO(data))
         end = self._tar.tarstream.offset - (-len(data) % tarfile.BLOCKSIZE)
-        return [end - len(data), end]
+        return [end - len(data), end], hashlib.sha256(data).hexdigest()
 
     def close(self) -> ShardEntry:
-        index = self._write_index()
+        index, index_sha256 = self._write_index()
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
         return ShardEntry(self.path.name, self.samples, self._hashing.bytes, self._hashing.sha256.hexdigest(),
-                          self.offsets, index)
+                          self.offsets, index, index_sha256)
 
     def abort(self) -> None:
         try:
