@@ -31,6 +31,14 @@ class ImageDecodeError(ValueError):
     pass
 
 
+class BatchDecodeError(ImageDecodeError):
+    """Image `index` of a batch does not decode, or (`shape` set: its (C, H, W)) is of another size."""
+
+    def __init__(self, index: int, problem: str, shape: tuple[int, ...] | None = None):
+        super().__init__(problem)
+        self.index, self.shape = index, shape
+
+
 def png_chunks_intact(data: bytes) -> bool:
     """True when `data` is a PNG whose every chunk, up to IEND, matches its CRC."""
     view, pos, size = memoryview(data), 8, len(data)
@@ -80,6 +88,23 @@ def decode_all_into(blobs: list, out: np.ndarray | list[np.ndarray]) -> bool:
     except (ValueError, RuntimeError):  # RuntimeError: imagecodecs' SpngError
         pass
     return False
+
+
+def decode_batch_into(blobs: list, out: np.ndarray) -> None:
+    """Decode same-size images into `out`, (N, H, W, C) uint8: straight into it where the decoders
+    can, else one by one (another format or colour mode), so that the one at fault is named."""
+    if decode_all_into(blobs, out):
+        return
+    for i, (data, slot) in enumerate(zip(blobs, out)):
+        if decode_into(data, slot):
+            continue
+        try:
+            image = decode_image(data, slot.shape[2])
+        except ImageDecodeError as exc:
+            raise BatchDecodeError(i, str(exc)) from None
+        if tuple(image.shape[1:]) != slot.shape[:2]:
+            raise BatchDecodeError(i, "another size", tuple(image.shape))
+        slot[...] = image.permute(1, 2, 0).numpy()
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:

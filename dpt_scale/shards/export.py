@@ -28,10 +28,17 @@ from pathlib import Path
 
 import numpy as np
 from numpy.lib import format as npy
+from tqdm import tqdm
 
 from dpt_scale.errors import ShardError, UserError, check_writable
 from dpt_scale.generation.writer import encode_images
-from dpt_scale.shards.decode import ImageDecodeError, decode_all_into, decode_image, decode_into, png_chunks_intact
+from dpt_scale.shards.decode import (
+    BatchDecodeError,
+    ImageDecodeError,
+    decode_batch_into,
+    decode_image,
+    png_chunks_intact,
+)
 from dpt_scale.shards.index import NO_LABEL
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.rows import END, LABEL, START, shard_rows
@@ -73,7 +80,8 @@ def export(directory: str | Path, to: str, out: str | Path, flat: bool = False) 
     _check_target(out, to)
     start = time.perf_counter()
     write = _write_npz if to == "npz" else _write_imagefolder
-    summary = write(directory, manifest, out, flat)
+    with tqdm(total=manifest.num_samples, desc=f"export {to}", unit="img", disable=None, mininterval=2) as progress:
+        summary = write(directory, manifest, out, flat, progress)
     seconds = time.perf_counter() - start
     n = manifest.num_samples
     log.info(f"exported {n} images to {out} in {seconds:.1f}s ({n / max(seconds, 1e-9):.0f} images/s)")
@@ -137,24 +145,9 @@ def _undecodable(sample: Sample, field: str, exc: Exception | str, directory: Pa
     return ShardError(f"{sample.where(field)} does not decode ({exc}); {_verify(directory)}")
 
 
-class _Progress:
-    """A line every `every` seconds, so that a long export shows it is moving."""
-
-    def __init__(self, total: int, every: float = 30.0):
-        self.total, self.every, self.done = total, every, 0
-        self.start = self.last = time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every and self.done < self.total:
-            self.last = now
-            log.info(f"{self.done} of {self.total} images ({self.done / (now - self.start):.0f} images/s)")
-
-
 # ---------------------------------------------------------------- npz
 
-def _write_npz(directory: Path, manifest: Manifest, out: Path, flat: bool = False) -> dict:
+def _write_npz(directory: Path, manifest: Manifest, out: Path, flat: bool, progress: tqdm) -> dict:
     size, field = manifest.image["size"], manifest.image["field"]
     if not size:
         raise UserError(f"{directory} holds images of several sizes ({manifest.image['min_size']} to "
@@ -165,7 +158,7 @@ def _write_npz(directory: Path, manifest: Manifest, out: Path, flat: bool = Fals
     labels = np.full(n, NO_LABEL, dtype=np.int64)  # 8 bytes an image: the one thing kept whole
     chunk = max(1, CHUNK_BYTES // (h * w * max(channels, 3)))
     buffer = np.empty((chunk, h, w, channels), dtype=np.uint8)
-    tmp, progress, at = _tmp(out), _Progress(n), 0
+    tmp, at = _tmp(out), 0
     try:
         # ZIP_STORED as np.savez writes it: the evaluator reads arr_0 in batches straight from the member.
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -176,7 +169,7 @@ def _write_npz(directory: Path, manifest: Manifest, out: Path, flat: bool = Fals
                     f.write(np.repeat(images, 3, axis=3) if channels == 1 else images)
                     labels[at:at + len(part)] = [s.label for s in part]
                     at += len(part)
-                    progress.advance(len(part))
+                    progress.update(len(part))
             if labelled:
                 with zf.open("arr_1.npy", "w", force_zip64=True) as f:
                     _npy_header(f, (n,), np.int64)
@@ -197,28 +190,21 @@ def _npy_header(f, shape: tuple[int, ...], dtype) -> None:
 
 
 def _decode_chunk(part: list[Sample], out: np.ndarray, field: str, directory: Path) -> np.ndarray:
-    """Decode same-size images into `out` (n, H, W, C): straight into it where the decoders can,
-    else one by one (another format or colour mode), so that damage is named per sample."""
-    if decode_all_into([s.data for s in part], out):
-        return out
-    channels = out.shape[3]
-    for slot, sample in zip(out, part):
-        if decode_into(sample.data, slot):
-            continue
-        try:
-            image = decode_image(sample.data, channels)
-        except ImageDecodeError as exc:
+    """Decode same-size images into `out` (n, H, W, C), naming the sample at fault."""
+    try:
+        decode_batch_into([s.data for s in part], out)
+    except BatchDecodeError as exc:
+        sample = part[exc.index]
+        if exc.shape is None:
             raise _undecodable(sample, field, exc, directory) from None
-        if tuple(image.shape[1:]) != slot.shape[:2]:
-            raise ShardError(f"{sample.where(field)} is {image.shape[2]}x{image.shape[1]}, but the manifest says "
-                             f"every image is {slot.shape[1]}x{slot.shape[0]}; {_verify(directory)}")
-        slot[...] = image.permute(1, 2, 0).numpy()
+        raise ShardError(f"{sample.where(field)} is {exc.shape[2]}x{exc.shape[1]}, but the manifest says every "
+                         f"image is {out.shape[2]}x{out.shape[1]}; {_verify(directory)}") from None
     return out
 
 
 # ---------------------------------------------------------------- imagefolder
 
-def _write_imagefolder(directory: Path, manifest: Manifest, out: Path, flat: bool) -> dict:
+def _write_imagefolder(directory: Path, manifest: Manifest, out: Path, flat: bool, progress: tqdm) -> dict:
     n, field, channels = manifest.num_samples, manifest.image["field"], manifest.image["channels"]
     if not flat and manifest.unlabelled:
         raise UserError(f"{directory}: {manifest.unlabelled} of {n} samples have no label, so they have no class "
@@ -226,7 +212,7 @@ def _write_imagefolder(directory: Path, manifest: Manifest, out: Path, flat: boo
     folders = {} if flat else {c: _folder_name(name, directory) for c, name in enumerate(manifest.classes)
                                if manifest.class_histogram[c]}
     width = len(str(n - 1))
-    tmp, progress, at = _tmp(out), _Progress(n), 0
+    tmp, at = _tmp(out), 0
     try:
         tmp.mkdir()
         (tmp / OURS).touch()
@@ -237,7 +223,7 @@ def _write_imagefolder(directory: Path, manifest: Manifest, out: Path, flat: boo
                 folder = tmp / folders[sample.label] if folders else tmp
                 (folder / f"{at:0{width}d}.png").write_bytes(_png(sample, field, channels, directory))
                 at += 1
-            progress.advance(len(part))
+            progress.update(len(part))
         (tmp / OURS).unlink()
         os.replace(tmp, out)  # onto an empty folder too: rename(2) replaces one
     except BaseException:

@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.batchpool import BatchPool, as_is
 from dpt_scale.shards.decode import (
+    BatchDecodeError,
     ImageDecodeError,
-    decode_all_into,
+    decode_batch_into,
     decode_image,
     decode_images,
-    decode_into,
     in_place_shape,
 )
 from dpt_scale.shards.manifest import Manifest
@@ -99,24 +99,25 @@ class _ShardBatches(IterableDataset):
         images, slot = self.pool.take(worker, (self.batch_size, *self.in_place), torch.uint8, self.in_place[0] > 1)
         batch = images[:len(spans)]
         hwc = batch.permute(0, 2, 3, 1).numpy()
-        data = [mm[start:end] for start, end in spans]
-        if decode_all_into(data, hwc):
-            return batch, slot
-        for i, (blob, key) in enumerate(zip(data, keys)):  # one by one: which does not decode in place?
-            if not decode_into(blob, hwc[i]):  # another colour space, or damage: decode_image tells
-                one = self._decode(blob, key, path)
-                if one.shape != batch.shape[1:]:
-                    raise ShardError(f"{path}: sample '{key}' is {tuple(one.shape)}, not the manifest's "
-                                     f"{tuple(batch.shape[1:])}; run `dpt-scale shards verify {self.dir}`")
-                batch[i] = one
+        try:
+            decode_batch_into([mm[start:end] for start, end in spans], hwc)
+        except BatchDecodeError as exc:
+            key = keys[exc.index]
+            if exc.shape is None:
+                raise self._undecodable(key, path, exc) from None
+            raise ShardError(f"{path}: sample '{key}' is {exc.shape}, not the manifest's {tuple(batch.shape[1:])}; "
+                             f"run `dpt-scale shards verify {self.dir}`") from None
         return batch, slot
 
     def _decode(self, data: bytes, key: str, path: Path) -> torch.Tensor:
         try:
             return decode_image(data, self.manifest.image["channels"])
         except ImageDecodeError as exc:
-            raise ShardError(f"{path}: sample '{key}' has no readable .{self.manifest.image['field']} ({exc}); "
-                             f"run `dpt-scale shards verify {self.dir}`") from None
+            raise self._undecodable(key, path, exc) from None
+
+    def _undecodable(self, key: str, path: Path, exc: Exception) -> ShardError:
+        return ShardError(f"{path}: sample '{key}' has no readable .{self.manifest.image['field']} ({exc}); "
+                          f"run `dpt-scale shards verify {self.dir}`")
 
 
 @torch.no_grad()
