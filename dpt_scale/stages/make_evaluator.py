@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -69,10 +70,9 @@ def make_evaluator(recipe: Recipe) -> Path:
                       export_extra={"kind": "classifier", "settings": settings, "classes": manifest.classes,
                                     "method": "evaluator", "stage": "make-evaluator"},
                       recipe=recipe, stage="make-evaluator")
-    ld = recipe.data.loader
     loader = ShardLoader(train_dir, train.micro_batch, seed=recipe.seed, transform=weak(cfg.augment, size),
-                         workers=ld.workers, streams=ld.streams, shuffle_buffer=ld.shuffle_buffer,
-                         on_corrupt=ld.on_corrupt, pin_memory=device.type == "cuda")
+                         **asdict(recipe.data.loader), rank=trainer.rank, world_size=trainer.world,
+                         pin_memory=device.type == "cuda")
     weights = trainer.fit(loader)
     scores = evaluate_classifier(load_classifier(weights, device=device), val_dir, recipe.classifier.pseudo_label.batch,
                                  device, recipe.classifier.pseudo_label.workers)

@@ -100,11 +100,9 @@ def pretrain(recipe: Recipe) -> Path:
                       hooks=[knn], hook_every=cfg.knn.every, recipe=recipe, stage="pretrain")
     if hasattr(method, "attach"):
         method.attach(trainer, model_fn)
-    ld = recipe.data.loader
     # labels={}: the shards' labels are not even read (the hidden-label guarantee, for every label)
-    loader = ShardLoader(train_dir, cfg.train.micro_batch, seed=seed, workers=ld.workers, streams=ld.streams,
-                         shuffle_buffer=ld.shuffle_buffer, on_corrupt=ld.on_corrupt, labels={},
-                         pin_memory=trainer.device.type == "cuda")
+    loader = ShardLoader(train_dir, cfg.train.micro_batch, seed=seed, **asdict(recipe.data.loader), labels={},
+                         rank=trainer.rank, world_size=trainer.world, pin_memory=trainer.device.type == "cuda")
     if trainer.rank == 0:  # after the loader, which refuses a set too small for the batch
         save_recipe(recipe, out / "recipe.yaml")
     weights = trainer.fit(loader)

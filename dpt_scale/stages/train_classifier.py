@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -207,15 +208,14 @@ def _mixture(recipe: Recipe, micro: int, method, bank: LabelledBank, pseudo: lis
              world: int, size: int, channels: int, train_dir: Path) -> Mixture:
     """Each step: `micro` labelled images (real ones from the bank, the rest from the pseudo sets
     in the recipe's proportions), plus unlabelled_ratio x micro unlabelled images for fixmatch."""
-    cfg, ld = recipe.classifier, recipe.data.loader
+    cfg = recipe.classifier
     counts = [round(micro * fraction) for _, fraction in pseudo]
     real = micro - sum(counts)
     weak_view = None if method.frozen_backbone else weak(cfg.augment, size)  # features: no augmentation
 
     def shards(path: Path, batch: int, seed: int, transform, labels=None) -> ShardSource:
-        return ShardSource(ShardLoader(path, batch, seed=seed, transform=transform, workers=ld.workers,
-                                       streams=ld.streams, shuffle_buffer=ld.shuffle_buffer,
-                                       on_corrupt=ld.on_corrupt, labels=labels))
+        return ShardSource(ShardLoader(path, batch, seed=seed, transform=transform, **asdict(recipe.data.loader),
+                                       labels=labels, rank=rank, world_size=world))
 
     sources = {}
     if real:

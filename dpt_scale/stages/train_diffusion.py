@@ -19,6 +19,7 @@ against a recipe). diffusion.init starts a fresh run from a U-ViT checkpoint mad
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -88,11 +89,9 @@ def train_diffusion(recipe: Recipe) -> Path:
                       export_extra=export_extra, init=init,
                       hooks=[DiffusionProbe(recipe, settings, schedule, manifest.classes, latent, out)],
                       recipe=recipe, stage="train-diffusion")
-    loader_cfg = recipe.data.loader
-    loader = ShardLoader(shards, cfg.train.micro_batch, seed=recipe.seed, workers=loader_cfg.workers,
-                         streams=loader_cfg.streams, shuffle_buffer=loader_cfg.shuffle_buffer,
-                         on_corrupt=loader_cfg.on_corrupt, pin_memory=trainer.device.type == "cuda", labels=pseudo,
-                         field=MOMENTS if latent else None)
+    loader = ShardLoader(shards, cfg.train.micro_batch, seed=recipe.seed, **asdict(recipe.data.loader), labels=pseudo,
+                         field=MOMENTS if latent else None, rank=trainer.rank, world_size=trainer.world,
+                         pin_memory=trainer.device.type == "cuda")
     if trainer.rank == 0:  # after the loader, which refuses a set too small for the batch
         save_recipe(recipe, out / "recipe.yaml")
     return trainer.fit(loader)
