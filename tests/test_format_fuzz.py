@@ -29,9 +29,21 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from dpt_scale.classification.pseudo_labels import FORMAT as LABELS_FORMAT
+from dpt_scale.classification.pseudo_labels import MANIFEST as LABELS_MANIFEST
+from dpt_scale.classification.pseudo_labels import (
+    load_pseudo_labels,
+    read_sidecar,
+    sidecar_name,
+    summarise,
+    write_sidecar,
+)
+from dpt_scale.classification.pseudo_labels import read_manifest as read_labels_manifest
+from dpt_scale.classification.selection import most_confident_per_class
 from dpt_scale.cli import main
 from dpt_scale.data.labelled import LabelledBank
 from dpt_scale.errors import UserError
+from dpt_scale.recipe.schema import PseudoLabel
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import MANIFEST, Manifest
 from dpt_scale.shards.map_shards import map_shards
@@ -575,6 +587,116 @@ def test_a_labelled_list_gives_its_keys_or_one_line_naming_the_file(base, lines,
         assert sorted(listed) == bank.keys, "the bank holds other keys than the list names"
         for key, label, image in zip(bank.keys, bank.labels.tolist(), bank.images):
             assert (label, image.numpy().tobytes()) == original[key]
+
+
+# ---- pseudo-label sets (a sidecar per shard, a manifest)
+
+@pytest.fixture(scope="module")
+def labels_base(base, tmp_path_factory):
+    """A finished pseudo-label set for the base set, made as the stage makes it, and its labels."""
+    directory, _ = base
+    out = tmp_path_factory.mktemp("labels") / "pseudo_labels"
+    out.mkdir()
+    manifest, sidecars = Manifest.load(directory), []
+    for i, entry in enumerate(manifest.shards):
+        keys = KEYS[i]
+        probs = torch.softmax(torch.randn(len(keys), CLASSES, generator=torch.Generator().manual_seed(i)), 1)
+        write_sidecar(out, entry.name, entry.sha256, "classifier-id", keys, probs)
+        sidecars.append(json.loads((out / sidecar_name(entry.name)).read_text()))
+    summary = summarise(sidecars, CLASSES, PseudoLabel(threshold=0.3), None)
+    (out / LABELS_MANIFEST).write_text(json.dumps({"format": LABELS_FORMAT, "classifier": "classifier-id",
+                                                   "shards": [e.name for e in manifest.shards], **summary}))
+    return out, {k: l for side in sidecars for k, l in zip(side["keys"], side["labels"])}
+
+
+def pseudo_readers(directory: Path) -> dict:
+    return {"all": lambda: load_pseudo_labels(directory, only_selected=False),
+            "selected": lambda: load_pseudo_labels(directory),
+            "most confident": lambda: most_confident_per_class(directory, 1, set()),
+            "sampler's plan": lambda: read_labels_manifest(directory)}
+
+
+def as_written(directory: Path) -> dict | None:
+    """What the files say, read naively: key -> label over the manifest's shards; None where that
+    reading would be nonsense (lists of unequal length, labels that are not class indices, a key
+    twice, a sidecar missing), so that a reader returning anything there misread."""
+    try:
+        manifest = json.loads((directory / LABELS_MANIFEST).read_bytes())
+        classes = len(manifest["counts"])
+        got, total = {}, 0
+        for name in manifest["shards"]:
+            side = json.loads((directory / sidecar_name(name)).read_bytes())
+            keys, labels, confidence = side["keys"], side["labels"], side["confidence"]
+            if not (len(keys) == len(labels) == len(confidence)) or side["shard"] != name:
+                return None
+            if not all(type(l) is int and 0 <= l < classes for l in labels) or \
+                    not all(type(c) in (int, float) and 0 <= c <= 1 for c in confidence):
+                return None
+            got.update(zip(keys, labels))
+            total += len(keys)
+        return got if len(got) == total and all(isinstance(k, str) for k in got) else None
+    except Exception:
+        return None
+
+
+def mutate_labels(draw, directory: Path) -> str:
+    """One change to a pseudo-label set: its manifest or a sidecar, as JSON or as bytes."""
+    names = sorted(p.name for p in directory.iterdir())
+    path = directory / draw(st.sampled_from(names))
+    what = "manifest" if path.name == LABELS_MANIFEST else "sidecar"
+    kind = draw(st.sampled_from(["drop key", "odd value", "list length", "bytes", "gone", "rewritten"]))
+    if kind == "gone":
+        path.unlink()
+        if draw(st.booleans()):
+            path.mkdir()  # a folder in its place
+        return f"{what}: gone"
+    if kind == "bytes":
+        kind, damaged = mutate_bytes(draw, path.read_bytes())
+        path.write_bytes(damaged)
+        return f"{what}: {kind}"
+    data = json.loads(path.read_text())
+    if kind == "rewritten":  # the same values, written otherwise: must read as before
+        path.write_text(json.dumps(data, indent=draw(st.sampled_from([None, 2])), sort_keys=True))
+        return f"{what}: rewritten"
+    where = draw(st.sampled_from(list(json_paths(data))))
+    if kind == "drop key":
+        del at(data, where[:-1])[where[-1]]
+    elif kind == "odd value":
+        at(data, where[:-1])[where[-1]] = draw(st.sampled_from(ODD + [4, -2, "t00000", 0.5]))
+    else:
+        lists = [p for p in json_paths(data) if isinstance(at(data, p), list) and at(data, p)]
+        values = at(data, draw(st.sampled_from(lists)))
+        how = draw(st.sampled_from(["drop", "repeat"]))
+        values.pop() if how == "drop" else values.append(values[-1])
+    path.write_text(json.dumps(data))
+    return f"{what}: {kind}"
+
+
+@settings(max_examples=150, **SEEDED)
+@given(data=st.data())
+def test_a_damaged_pseudo_label_set_is_read_as_written_or_named_in_one_line(base, labels_base, data):
+    directory, labels = labels_base
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "pseudo_labels"
+        shutil.copytree(directory, copy)
+        kind = mutate_labels(data.draw, copy)
+        CASES[f"pseudo-labels, {kind}"] += 1
+        want = as_written(copy)
+        results = {name: attempt(read) for name, read in pseudo_readers(copy).items()}
+        for name, result in results.items():
+            if isinstance(result, UserError):
+                assert_one_line(result, str(copy))
+        if kind.endswith("rewritten"):
+            assert results["all"] == labels, "the same values written otherwise read differently"
+        if not isinstance(results["all"], UserError):
+            assert want is not None, f"a set that reads as nonsense was taken: {kind}"
+            assert results["all"] == want
+            assert results["selected"].items() <= want.items()
+        if not isinstance(results["most confident"], UserError):
+            assert results["most confident"].items() <= (want or {}).items()
+        for entry in Manifest.load(base[0]).shards:  # the stage's resume check never fails
+            side = read_sidecar(copy, entry.name, CLASSES)
+            assert side is None or isinstance(side["sha256"], str)
 
 
 # ---- with DataLoader workers and a verify pool: the same outcomes

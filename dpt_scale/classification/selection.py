@@ -8,14 +8,12 @@ chosen class as `cls`; the source's own labels are not read.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from dpt_scale.classification.pseudo_labels import MANIFEST as LABELS_MANIFEST
-from dpt_scale.classification.pseudo_labels import read_sidecar, selected
+from dpt_scale.classification.pseudo_labels import read_pseudo_labels, selected
 from dpt_scale.errors import UserError
 from dpt_scale.recipe.schema import PseudoLabel
 from dpt_scale.shards.manifest import MANIFEST, Manifest
@@ -44,21 +42,16 @@ def first_per_class(directory: Path, k: int) -> dict[str, int]:
 def most_confident_per_class(pseudo_labels: Path, k: int, exclude: set[str]) -> dict[str, int]:
     """key -> pseudo-label of the k most confident training images of each pseudo-class (ties by
     key), leaving out `exclude` (the labelled subset, which stage 4 has already)."""
-    if not (pseudo_labels / LABELS_MANIFEST).is_file():
-        raise UserError(f"no finished pseudo-labels at {pseudo_labels}; run `dpt-scale pseudo-label` first")
-    manifest = json.loads((pseudo_labels / LABELS_MANIFEST).read_text())
+    manifest, sidecars = read_pseudo_labels(pseudo_labels)
     keys, labels, confidence = [], [], []
-    for name in manifest["shards"]:
-        side = read_sidecar(pseudo_labels, name)
-        if side is None:
-            raise UserError(f"{pseudo_labels}: the sidecar of {name} is missing; rerun `dpt-scale pseudo-label`")
+    for side in sidecars:
         for key, label, conf in zip(side["keys"], side["labels"], side["confidence"]):
             if key not in exclude:
                 keys.append(key)
                 labels.append(label)
                 confidence.append(conf)
     classes = len(manifest["counts"])
-    labels_t = torch.tensor(labels)
+    labels_t = torch.tensor(labels, dtype=torch.long)
     keep = selected(keys, labels_t, torch.tensor(confidence), classes, PseudoLabel(top_per_class=k))
     chosen = {key: label for key, label, ok in zip(keys, labels, keep.tolist()) if ok}
     counts = torch.bincount(torch.tensor(list(chosen.values()), dtype=torch.long), minlength=classes)

@@ -42,7 +42,7 @@ def pseudo_label(recipe: Recipe) -> Path:
 
     def done(i: int) -> bool:
         entry = manifest.shards[i]
-        side = read_sidecar(out, entry.name)
+        side = read_sidecar(out, entry.name, manifest.num_classes)
         return side is not None and side["sha256"] == entry.sha256 and side["classifier"] == identity
 
     def work(todo: list[int]) -> int:
@@ -59,7 +59,7 @@ def pseudo_label(recipe: Recipe) -> Path:
 
 
 def _write_manifest(recipe: Recipe, manifest: Manifest, train_dir: Path, out: Path, identity: str) -> None:
-    sidecars = [read_sidecar(out, e.name) for e in manifest.shards]
+    sidecars = [read_sidecar(out, e.name, manifest.num_classes) for e in manifest.shards]
     if any(s is None for s in sidecars):
         raise UserError(f"{out}: some shards have no sidecar after every rank finished; rerun the command")
     true_labels = read_labels(train_dir) if sum(manifest.class_histogram) else None  # evaluation only

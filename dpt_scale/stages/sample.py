@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from dpt_scale.classification.pseudo_labels import MANIFEST as LABELS_MANIFEST
+from dpt_scale.classification.pseudo_labels import read_manifest
 from dpt_scale.diffusion.export import load_diffusion
 from dpt_scale.diffusion.sampling import sample as run_solver
 from dpt_scale.diffusion.sampling import to_uint8
@@ -101,11 +103,15 @@ def _plan(recipe: Recipe, num_classes: int) -> GenerationPlan:
     cfg = recipe.sample
     weights = None
     if cfg.total is not None and cfg.class_distribution == "pseudo_labels":
-        path = layout(recipe).pseudo_labels / "manifest.json"
-        if not path.is_file():
-            raise UserError(f"sample.class_distribution=pseudo_labels needs {path}; run `dpt-scale pseudo-label` "
-                            "first or use class_distribution=uniform")
-        weights = tuple(float(c) for c in json.loads(path.read_text())["selection"]["counts"])
+        path = layout(recipe).pseudo_labels
+        if not (path / LABELS_MANIFEST).is_file():
+            raise UserError(f"sample.class_distribution=pseudo_labels needs {path / LABELS_MANIFEST}; run "
+                            "`dpt-scale pseudo-label` first or use class_distribution=uniform")
+        weights = tuple(float(c) for c in read_manifest(path)["selection"]["counts"])
+        if not sum(weights):
+            raise UserError(f"{path / LABELS_MANIFEST}: the pseudo-label selection kept no image, so it gives no "
+                            "class distribution; lower classifier.pseudo_label.threshold, or use "
+                            "sample.class_distribution=uniform")
     elif cfg.total is not None:
         weights = (1.0,) * num_classes
     total = cfg.total if cfg.total is not None else cfg.per_class * num_classes
