@@ -235,3 +235,24 @@ def test_a_mismatch_is_refused_before_training_in_one_line(tmp_path):
                               "set diffusion.model.size=mini")
         assert result.returncode == 2
     assert not (tmp_path / "run" / "diffusion" / "checkpoints").exists()
+
+
+def test_run_refuses_a_mismatched_init_file_before_any_stage(tmp_path):
+    """`run` checks the file against the recipe's model in its plan: nothing is imported or trained.
+    The training set's part (classes, side, channels) waits for stage 2, as the set may not exist yet."""
+    path, _ = recipe(tmp_path)
+    torch.save(to_reference(trained_like(size="mini").state_dict()), tmp_path / "mini.pth")
+    torch.save(to_reference(trained_like(patch_size=4).state_dict()), tmp_path / "patch4.pth")
+    torch.save(to_reference(trained_like(num_classes=7).state_dict()), tmp_path / "classes7.pth")
+    cases = {"mini.pth": ("it is 128 wide and 6 deep", "set diffusion.model.size=mini"),
+             "patch4.pth": ("its patch size is 4, diffusion.model.patch_size 2", "set diffusion.model.patch_size=4"),
+             "missing.pth": ("diffusion.init not found",)}
+    for name, expected in cases.items():
+        result = run_cli("-q", "run", str(path), "--plan", "--set", f"diffusion.init={tmp_path / name}")
+        assert_one_line_error(result, *expected)
+        assert result.returncode == 2
+    assert not (tmp_path / "run").exists()
+    plan = run_cli("-q", "run", str(path), "--plan", "--set", f"diffusion.init={tmp_path / 'classes7.pth'}")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    stage2 = run_cli("-q", "train-diffusion", str(path), "--set", f"diffusion.init={tmp_path / 'classes7.pth'}")
+    assert_one_line_error(stage2, "7 classes there and 4 in the training set")

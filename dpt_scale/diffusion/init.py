@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dpt_scale.errors import UserError
+from dpt_scale.models import build_uvit
 from dpt_scale.models.uvit import UVIT_SIZES
 from dpt_scale.models.uvit_reference import LABEL_EMB, POS_EMBED, from_reference
 
@@ -36,6 +37,33 @@ def load_init(path: str | Path, model: nn.Module, settings: dict) -> dict[str, t
     state, reference = read_checkpoint(path)
     check_fits(state, model, settings, f"diffusion.init {path}")
     return from_reference(state) if reference else state
+
+
+def check_init(recipe) -> None:
+    """What `run` refuses before any stage: a file that is missing, is no U-ViT, or differs from the
+    recipe's diffusion.model. The training set may not exist yet (or be about to be re-imported), so
+    its classes, channels and side are taken from the file here and compared when stage 2 starts."""
+    path = Path(recipe.diffusion.init)
+    state, reference = read_checkpoint(path)
+    state = from_reference(state) if reference else state
+    cfg = recipe.diffusion.model
+    settings = dict(size=cfg.size, patch_size=cfg.patch_size, conv=cfg.conv, mlp_time_embed=cfg.mlp_time_embed,
+                    qkv_bias=cfg.qkv_bias, attention="math", **_data_settings(state, cfg.patch_size))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = build_uvit(**settings)
+    check_fits(state, model, settings, f"diffusion.init {path}")
+
+
+def _data_settings(state: dict[str, torch.Tensor], patch: int) -> dict:
+    """The settings that come from the training set, as the checkpoint has them (its side rounded to
+    a multiple of the recipe's patch size, so that a patch-size mismatch is the difference named)."""
+    if not _is_uvit(state):
+        return dict(img_size=patch, in_chans=1, num_classes=0)
+    _, channels, their_patch, _ = state[PATCH].shape
+    conditional = LABEL_EMB in state
+    side = math.isqrt(max(state[POS_EMBED].shape[1] - 1 - conditional, 1)) * their_patch
+    return dict(img_size=max(patch, round(side / patch) * patch), in_chans=channels,
+                num_classes=state[LABEL_EMB].shape[0] - 1 if conditional else 0)
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:

@@ -80,8 +80,10 @@ def plan(recipe: Recipe, start: str | None = None, only: str | None = None, unti
             action, reason = "redo", _what_changed(marker, parts, key)
         steps[stage.name] = Step(stage, action, reason, key)
     _check_left_inputs(recipe, steps, markers)
-    for step in steps.values():  # settings a stage would refuse, refused before anything runs
-        if step.action in RUNS and step.stage.check is not None:
+    # Settings a stage would refuse, refused before anything runs. A stage that resumes started
+    # with these very settings, and may no longer read what a fresh start checks (an init file).
+    for step in steps.values():
+        if step.action in ("run", "redo") and step.stage.check is not None:
             step.stage.check(recipe)
     return list(steps.values())
 

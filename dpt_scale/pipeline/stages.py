@@ -102,6 +102,13 @@ def _check_pretrain(recipe: Recipe) -> None:
     check_pretrain(recipe)
 
 
+def _check_init(recipe: Recipe) -> None:
+    if recipe.diffusion.init:
+        from dpt_scale.diffusion.init import check_init
+
+        check_init(recipe)
+
+
 def _retrain_parts(recipe: Recipe) -> tuple[str, ...]:
     """The self-training control takes sample.per_class real images per class unless per_class says."""
     return STREAM + ("classifier", "!classifier.pseudo_label") + (() if _generates(recipe) else ("sample.per_class",))
@@ -164,7 +171,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           summary="autoencoder moments (latent recipes)",
           command="latent recipes: autoencoder moments of every training image (resumable per shard)"),
     Stage("train-diffusion", "dpt_scale.stages.train_diffusion:train_diffusion", STREAM + ("diffusion",),
-          _diffusion_inputs, _out("diffusion"), when=_generates, summary="stage 2",
+          _diffusion_inputs, _out("diffusion"), when=_generates, check=_check_init, summary="stage 2",
           command="stage 2: the class-conditional U-ViT (any launcher: python, torchrun, deepspeed)"),
     Stage("sample", "dpt_scale.stages.sample:sample", ("seed", "sample"), _sample_inputs, _out("samples"),
           when=_generates, summary="stage 3",
