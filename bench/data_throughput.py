@@ -271,6 +271,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
             rates[ref].append(a)
             rates[key].append(b)
             pairs[key].append(b / a)
+
     def parse_all() -> int:
         return sum(1 for e in manifest.shards for _ in iter_samples(shards / e.name))
 

@@ -69,4 +69,3 @@ def leave_process_group() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
-

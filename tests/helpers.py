@@ -105,4 +105,3 @@ def kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(processes, timeout=30)
-

@@ -261,7 +261,6 @@ def test_images_of_different_sizes_need_a_transform(tmp_path):
     assert len(keys(ShardLoader(tmp_path, batch_size=4, transform=crop, world_size=1, rank=0))) == 32
 
 
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reused_batch_buffers_never_overwrite_batches_still_held(uneven_set, workers):
     """Batch memory is recycled, but only once nothing refers to it: keeping whole batches, or only

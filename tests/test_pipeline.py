@@ -186,4 +186,3 @@ def test_bad_flags_of_every_one_shot_command_leave_a_finished_run_byte_identical
             refused(command, flag, value, finished_run, finished_run / "samples", capsys)
     assert snapshot() == before
     assert not finished_run.with_name(finished_run.name + "-study").exists()
-

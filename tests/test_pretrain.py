@@ -143,4 +143,3 @@ def test_bad_pretrain_settings_are_one_line_and_write_nothing(tmp_path):
     # A pretrain folder holding another backbone is refused, not resumed.
     result = cli("pretrain", path, "--set", "pretrain.simclr.temperature=0.2", check=False)
     assert_one_line_error(result, "other settings", "pretrain.simclr.temperature")
-

@@ -68,4 +68,3 @@ def build_schedule(name: str):
     if name not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     return SCHEDULES[name]()
-

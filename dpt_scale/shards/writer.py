@@ -241,4 +241,3 @@ class ShardSetWriter:
             self.manifest = self.close()
         else:
             self.abort()
-
