@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import select
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +55,62 @@ def make_shard_set(directory: Path, shard_sizes: list[int], num_classes: int = 4
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`dpt-scale ARGS` in a fresh interpreter, as a user runs it."""
+    """`dpt-scale ARGS` in a process of its own, as a user runs it: forked from an interpreter that
+    has the heavy imports done (cli_server.py), or a fresh one with DPT_TESTS_FRESH_INTERPRETERS=1."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "dpt_scale", *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-m", "dpt_scale", *map(str, args)]
+    if os.environ.get("DPT_TESTS_FRESH_INTERPRETERS"):
+        return subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        status = _CLI.run({"args": command[3:], "cwd": str(cwd or REPO), "env": env, "stdout": str(out),
+                           "stderr": str(err)}, timeout)
+        if status is None:
+            raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(command, status, out.read_text(), err.read_text())
+
+
+class _CliServer:
+    """The client of cli_server.py: one server per test process, started on first use."""
+
+    def __init__(self):
+        self.process, self.buffer = None, b""
+
+    def run(self, request: dict, timeout: float) -> int | None:
+        """The command's exit status; None when it ran past `timeout` (its processes are killed)."""
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_server.py"))],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+                                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            self.buffer = b""
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        pid, status = self._reply(None)["pid"], None
+        try:
+            status = self._reply(timeout)
+            return None if status is None else status["status"]
+        finally:
+            if status is None:  # timed out, or the test was interrupted: the command and the server go
+                kill_tree(pid)
+                self.process.kill()
+                self.process.wait()
+                self.process = None
+
+    def _reply(self, timeout: float | None) -> dict | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and (left <= 0 or not select.select([self.process.stdout], [], [], left)[0]):
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise RuntimeError("the test CLI server (tests/cli_server.py) exited")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+
+_CLI = _CliServer()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
