@@ -70,15 +70,15 @@ def read_manifest(directory: Path) -> dict:
     counts, shards = manifest.get("counts"), manifest.get("shards")
     selection = manifest.get("selection")
     problem = (
-        "it is not a pseudo-label manifest" if manifest.get("format") != FORMAT else
+        "it is not a pseudo-label manifest" if manifest.get("format", FORMAT) != FORMAT else
         "counts is not a list of class counts" if not _ints(counts, 0, None) or not counts else
         "shards is not a list of shard names, each once" if not _names(shards) else
         "selection is not a mapping of threshold and top_per_class" if not isinstance(selection, dict) else
         "selection.threshold is not a number from 0 to 1" if not _number(selection.get("threshold"), 0, 1) else
         "selection.top_per_class is not a whole number of at least 0"
         if not _ints([selection.get("top_per_class")], 0, None) else
-        "selection.counts is not a count for each class" if not _ints(selection.get("counts"), 0, None)
-        or len(selection["counts"]) != len(counts) else None)
+        "selection.counts is not a count for each class" if "counts" in selection and
+        (not _ints(selection["counts"], 0, None) or len(selection["counts"]) != len(counts)) else None)
     if problem:
         raise _damaged(path, problem)
     return manifest

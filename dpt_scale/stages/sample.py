@@ -107,7 +107,11 @@ def _plan(recipe: Recipe, num_classes: int) -> GenerationPlan:
         if not (path / LABELS_MANIFEST).is_file():
             raise UserError(f"sample.class_distribution=pseudo_labels needs {path / LABELS_MANIFEST}; run "
                             "`dpt-scale pseudo-label` first or use class_distribution=uniform")
-        weights = tuple(float(c) for c in read_manifest(path)["selection"]["counts"])
+        counts = read_manifest(path)["selection"].get("counts")
+        if counts is None:
+            raise UserError(f"{path / LABELS_MANIFEST} has no selection.counts, the class distribution "
+                            "sample.class_distribution=pseudo_labels draws from; rerun `dpt-scale pseudo-label`")
+        weights = tuple(float(c) for c in counts)
         if not sum(weights):
             raise UserError(f"{path / LABELS_MANIFEST}: the pseudo-label selection kept no image, so it gives no "
                             "class distribution; lower classifier.pseudo_label.threshold, or use "
