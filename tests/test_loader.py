@@ -151,11 +151,11 @@ def test_a_spurious_ast_error_while_reading_an_index_does_not_stop_the_epoch(une
 
 
 def test_shards_kept_between_epochs_change_nothing_when_few_are_kept(uneven_set, monkeypatch):
-    import dpt_scale.shards.loader as loader_module
+    import dpt_scale.shards.shard_cache as shard_cache
 
     loader = ShardLoader(uneven_set, batch_size=4, seed=5, world_size=1, rank=0, streams=2)
     reference = [b["key"] for b in islice(loader.batches(0), 3 * len(loader))]
-    monkeypatch.setattr(loader_module, "SHARDS_KEPT", 1)  # rows rebuilt and shards reopened when read again
+    monkeypatch.setattr(shard_cache, "SHARDS_KEPT", 1)  # rows rebuilt and shards reopened when read again
     assert [b["key"] for b in islice(loader.batches(0), 3 * len(loader))] == reference
 
 

@@ -35,7 +35,6 @@ import bisect
 import json
 import logging
 import math
-import mmap
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -60,16 +59,13 @@ from dpt_scale.shards.decode import (
 from dpt_scale.shards.index import BAD_LABEL, load_npy, parse_label
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
-from dpt_scale.shards.rows import END, JSON_END, JSON_START, LABEL, SHARD, START, ShardRows, shard_rows
-from dpt_scale.shards.tar import iter_samples, open_map
+from dpt_scale.shards.rows import END, JSON_END, JSON_START, LABEL, SHARD, START
+from dpt_scale.shards.shard_cache import ShardCache
+from dpt_scale.shards.tar import iter_samples
 from dpt_scale.shards.worker_errors import as_item, raise_if_error
 
 log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
-# Shards a worker keeps memory-mapped (each map holds a file descriptor) and whose rows it keeps
-# (~100 bytes a sample), the most recently used: all of a small set (MNIST: 10), so that epochs
-# after the first neither rebuild rows nor fault the pages in again; a bounded number of a large one.
-SHARDS_KEPT = 64
 # A DataLoader item costs the main process ~150 us and a worker about as much, whatever it holds,
 # a few percent of decoding a batch of small images; so a worker hands small batches over several
 # at a time, up to BUNDLE of them or about BUNDLE_BYTES of images (docs/benchmarks.md).
@@ -188,8 +184,7 @@ class _Stream(IterableDataset):
 
     def __init__(self, loader: ShardLoader, first_epoch: int, first_batch: int, pool: BatchPool):
         self.ld, self.first_epoch, self.first_batch, self.pool = loader, first_epoch, first_batch, pool
-        self.maps: dict[int, mmap.mmap] = {}  # shard -> its bytes, least recently used first
-        self.rows: dict[int, ShardRows] = {}  # shard -> its rows, oldest first
+        self.shards = ShardCache(loader.dir, loader.manifest, loader.field, loader.with_json, loader.labels)
         self.jitter: np.ndarray | None = None  # the epoch's shuffle draw
 
     def __iter__(self) -> Iterator[list[dict]]:
@@ -243,15 +238,7 @@ class _Stream(IterableDataset):
         skip)."""
         ld, entry = self.ld, self.ld.manifest.shards[seg.shard]
         try:
-            rows = self.rows.get(seg.shard)
-            if rows is None:
-                mm = self._maps([seg.shard])[seg.shard]
-                rows = self.rows[seg.shard] = shard_rows(ld.manifest, ld.dir, seg.shard, mm, ld.field,
-                                                         ld.with_json, ld.labels)
-                if len(self.rows) > SHARDS_KEPT:
-                    del self.rows[next(iter(self.rows))]  # the oldest
-            else:
-                self._maps([seg.shard])  # is it still there?
+            rows = self.shards.rows(seg.shard)
         except ShardError as exc:  # a missing or unreadable shard
             if ld.on_corrupt == "error":
                 raise
@@ -268,18 +255,6 @@ class _Stream(IterableDataset):
             table = table.copy()  # (the shard's rows are kept for later epochs)
             table[bad > 0, SHARD] = -1
         return table, keys
-
-    def _maps(self, shards) -> dict[int, mmap.mmap]:
-        """The memory maps of these shards, opened as needed; the SHARDS_KEPT last used stay open."""
-        out = {}
-        for shard in set(shards):
-            mm = self.maps.pop(shard, None)
-            if mm is None:
-                mm = open_map(str(self.ld.dir / self.ld.manifest.shards[shard].name))[0]
-            self.maps[shard] = out[shard] = mm  # now the most recently used
-        while len(self.maps) > SHARDS_KEPT:
-            del self.maps[next(iter(self.maps))]
-        return out
 
     def _collate(self, plan: EpochPlan, table: np.ndarray, keys: np.ndarray, sound: bool, j: int,
                  worker: int) -> dict:
@@ -303,7 +278,7 @@ class _Stream(IterableDataset):
             out["cls"], out["key"] = np.ascontiguousarray(table[take, LABEL]), keys[take]
             if ld.with_json:
                 rows = table[take][:, [SHARD, JSON_START, JSON_END]].tolist()
-                maps = self._maps(shard for shard, _, _ in rows)
+                maps = self.shards.maps(shard for shard, _, _ in rows)
                 out["json"] = [None if start < 0 else json.loads(maps[shard][start:end]) for shard, start, end in rows]
         else:  # not one readable sample in the whole batch: the set's first stands in
             label, key, meta = batch.stand_in
@@ -316,7 +291,7 @@ class _Stream(IterableDataset):
         """The usual case, every sample sound, with no Python work per sample besides decoding (list
         comprehensions over whole chunks); None at the first exception to the rule."""
         shards = table[:, SHARD].tolist()
-        maps = self._maps(shards)
+        maps = self.shards.maps(shards)
         data = [maps[s][a:b] for s, a, b in zip(shards, table[:, START].tolist(), table[:, END].tolist())]
         if batch.hwc is not None:  # images decoded straight into the batch
             if not decode_all_into(data, batch.hwc):
@@ -336,7 +311,7 @@ class _Stream(IterableDataset):
     def _fill(self, batch: "PooledBatch", table: np.ndarray, keys: np.ndarray) -> list[int]:
         """Sample by sample: lost ones skipped, damaged ones reported (or skipped, by the policy)."""
         ld, hwc, good = self.ld, batch.hwc, []
-        maps = self._maps(s for s in table[:, SHARD].tolist() if s >= 0)
+        maps = self.shards.maps(s for s in table[:, SHARD].tolist() if s >= 0)
         for p, (shard, start, end) in enumerate(table[:, [SHARD, START, END]].tolist()):
             if shard < 0:
                 continue
