@@ -930,3 +930,19 @@ def test_a_labelled_sample_whose_label_is_not_a_number_is_named(base):
         data[start] = ord("x")
         path.write_bytes(bytes(data))
         assert "part-000000.tar: member 's00001.cls' is not a class index below 4" in refused(lambda: by_bank(copy))
+
+
+@pytest.mark.parametrize("where, problem", [("same", "is labelled twice"), ("other", "too")])
+def test_a_key_labelled_twice_is_refused_naming_the_sidecar(labels_base, tmp_path, where, problem):
+    """(A dict keeps the later label of a key silently.)"""
+    copy = tmp_path / "pseudo_labels"
+    shutil.copytree(labels_base[0], copy)
+    first, second = sorted(copy.glob("*.labels.json"))[:2]
+    side = json.loads(second.read_text())
+    side["keys"][1] = side["keys"][0] if where == "same" else json.loads(first.read_text())["keys"][0]
+    second.write_text(json.dumps(side))
+    for read in (lambda: load_pseudo_labels(copy), lambda: most_confident_per_class(copy, 1, set())):
+        error = attempt(read)
+        assert isinstance(error, UserError), error
+        assert f"{second.name} is damaged (key " in str(error) and problem in str(error), error
+        assert_one_line(error, str(copy))

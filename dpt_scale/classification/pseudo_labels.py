@@ -55,9 +55,10 @@ def read_pseudo_labels(directory: str | Path) -> tuple[dict, list[dict]]:
     seen: dict[str, str] = {}
     for name, side in zip(shards, sidecars):
         for key in side["keys"]:
-            if seen.setdefault(key, name) != name:
-                raise _damaged(directory / sidecar_name(name), f"key {key[:80]!r} is labelled in "
-                                                               f"{sidecar_name(seen[key])} too")
+            if key in seen:
+                where = "twice" if seen[key] == name else f"in {sidecar_name(seen[key])} too"
+                raise _damaged(directory / sidecar_name(name), f"key {key[:80]!r} is labelled {where}")
+            seen[key] = name
     return manifest, sidecars
 
 
