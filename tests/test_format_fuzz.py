@@ -784,6 +784,14 @@ def test_a_manifest_nested_past_the_parsers_depth_is_damaged(base):
         assert "manifest.json is damaged (maximum recursion depth" in refused(lambda: Manifest.load(copy))
 
 
+def verify_faults(directory: Path) -> str:
+    """`shards verify`'s report of a damaged set (exit status 1)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["shards", "verify", str(directory)]) == 1
+    return out.getvalue()
+
+
 def test_a_folder_where_a_shard_should_be_is_named(base):
     directory, _ = base
     with copy_of(directory) as copy:
@@ -791,10 +799,7 @@ def test_a_folder_where_a_shard_should_be_is_named(base):
         (copy / "part-000001.tar").mkdir()
         for read in (lambda: by_loader(copy), lambda: by_map_shards(copy)):
             assert "part-000001.tar: a folder where the manifest lists a shard" in refused(read)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert main(["shards", "verify", str(copy)]) == 1
-        assert "FAULT part-000001.tar: a folder, not a shard" in out.getvalue()
+        assert "FAULT part-000001.tar: a folder, not a shard" in verify_faults(copy)
 
 
 def test_verify_faults_images_in_a_set_whose_manifest_describes_none(base):
@@ -802,10 +807,7 @@ def test_verify_faults_images_in_a_set_whose_manifest_describes_none(base):
     with copy_of(directory) as copy:
         edit_manifest(copy, lambda data: data.__setitem__("image", None))
         assert "this shard set holds no images" in refused(lambda: by_loader(copy))
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert main(["shards", "verify", str(copy)]) == 1
-        assert "member 's00000.png': an image, but the manifest describes no images" in out.getvalue()
+        assert "member 's00000.png': an image, but the manifest describes no images" in verify_faults(copy)
 
 
 def test_a_shard_holding_more_samples_than_its_entry_says_is_refused(base):
