@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from dpt_scale.cli import main as cli  # noqa: E402
+from dpt_scale.recipe.schema import Loader  # noqa: E402
 from dpt_scale.shards.batchpool import BatchPool  # noqa: E402
 from dpt_scale.shards.decode import decode_all_into, png_chunks_intact  # noqa: E402
 from dpt_scale.shards.loader import ShardLoader  # noqa: E402
@@ -240,7 +241,7 @@ def measure(name: str, shards: Path, files: Path, channels: int, rounds: int, im
     # Loaders read epoch after epoch, as training does (ours: one endless stream of batches).
     bundle = {}
     for workers in (0, 1, 2):
-        loader = ShardLoader(shards, BATCH, workers=workers, streams=24, world_size=1, rank=0)
+        loader = ShardLoader(shards, BATCH, world_size=1, rank=0, settings=Loader(workers=workers, streams=24))
         bundle[workers] = loader.bundle  # batches a worker hands over in one DataLoader item
         sources[f"ours_{workers}w"] = Batches(loader.batches(0), prefetched=2 * workers * loader.bundle)
     # The decode loop run in 1 and 2 DataLoader workers: what a worker can decode while the main

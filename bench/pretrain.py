@@ -61,8 +61,8 @@ def throughput(recipe, steps: int, repeats: int) -> dict:
                                 warmup_steps=0, lr_schedule="constant")
 
     def loader(workers: int) -> ShardLoader:
-        return ShardLoader(train_dir, batch, seed=0, workers=workers, streams=ld.streams,
-                           shuffle_buffer=ld.shuffle_buffer, labels={})
+        return ShardLoader(train_dir, batch, rank=0, world_size=1, seed=0, labels={},
+                           settings=dataclasses.replace(recipe.data.loader, workers=workers))
 
     def pipeline() -> float:
         with tempfile.TemporaryDirectory() as out:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dpt_scale.recipe.schema import Loader
 from dpt_scale.shards.writer import ShardSetWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,11 @@ def make_shard_set(directory: Path, shard_sizes: list[int], num_classes: int = 4
                 i += 1
             writer.end_shard()
     return directory
+
+
+def loader_settings(workers: int = 0, streams: int = 1, **rest) -> Loader:
+    """A recipe's `data.loader` for tests: in-process and one stream unless a test asks for more."""
+    return Loader(workers=workers, streams=streams, **rest)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:

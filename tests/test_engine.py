@@ -127,7 +127,7 @@ EMA_SCRIPT = textwrap.dedent("""
     from dpt_scale.diffusion.schedules import build_schedule
     from dpt_scale.engine.trainer import Trainer
     from dpt_scale.models import build_uvit
-    from dpt_scale.recipe.schema import Train
+    from dpt_scale.recipe.schema import Loader, Train
     from dpt_scale.shards.loader import ShardLoader
 
     shards, out = sys.argv[1], sys.argv[2]
@@ -149,7 +149,7 @@ EMA_SCRIPT = textwrap.dedent("""
     tr = Trainer(cfg, out, model_fn=lambda: build_uvit(**settings), loss_fn=loss_fn, hooks=[plain_ema],
                  export_extra={"settings": settings})
     reference.update(whole(tr))
-    weights = tr.fit(ShardLoader(shards, 4, streams=2))
+    weights = tr.fit(ShardLoader(shards, 4, rank=tr.rank, world_size=tr.world, settings=Loader(workers=0, streams=2)))
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([1., 300., 999.]), torch.tensor([0, 3, 4])
     with torch.no_grad():

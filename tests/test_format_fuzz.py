@@ -48,7 +48,7 @@ from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import MANIFEST, Manifest
 from dpt_scale.shards.map_shards import map_shards
 from dpt_scale.shards.writer import ShardSetWriter
-from helpers import png
+from helpers import loader_settings, png
 
 CASES: Counter = Counter()
 ANY = object()
@@ -132,8 +132,8 @@ def attempt(read):
 
 def by_loader(directory: Path, workers: int = 0, on_corrupt: str = "error"):
     """Every sample once (one rank, no shuffle, no dropped batch), sorted by key; and how many were lost."""
-    loader = ShardLoader(directory, batch_size=3, shuffle=False, drop_last=False, workers=workers,
-                         streams=2 if workers else 1, world_size=1, rank=0, on_corrupt=on_corrupt)
+    loader = ShardLoader(directory, batch_size=3, shuffle=False, drop_last=False, world_size=1, rank=0,
+                         settings=loader_settings(workers=workers, streams=2 if workers else 1, on_corrupt=on_corrupt))
     got = [(key, label, image.numpy().tobytes()) for batch in loader.epoch(0)
            for key, label, image in zip(batch["key"], batch["cls"].tolist(), batch["image"].contiguous())]
     return sorted(got), loader.lost

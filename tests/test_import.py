@@ -11,7 +11,7 @@ from dpt_scale.cli import main
 from dpt_scale.shards.decode import decode_image
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, loader_settings, run_cli
 
 
 def all_samples(shard_dir):
@@ -100,7 +100,7 @@ def test_groups_over_the_byte_limit_continue_in_extra_shards(tmp_path):
     names = [s.name for s in manifest.shards]
     assert names[:2] == ["train-000000.tar", "train-000000-1.tar"] and len(names) > 4
     assert all(s.bytes <= 6000 + 10240 for s in manifest.shards) and manifest.num_samples == 30
-    loader = ShardLoader(out / "train", batch_size=5, drop_last=False, world_size=1, rank=0)
+    loader = ShardLoader(out / "train", batch_size=5, drop_last=False, world_size=1, rank=0, settings=loader_settings())
     assert sorted(k for b in loader.epoch(0) for k in b["key"]) == [f"train-{i:06d}" for i in range(30)]
     assert run_cli("shards", "verify", str(out / "train")).returncode == 0
 

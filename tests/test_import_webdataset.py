@@ -18,7 +18,7 @@ from dpt_scale.data.importer import in_val
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
-from helpers import REPO, assert_one_line_error, run_cli
+from helpers import REPO, assert_one_line_error, loader_settings, run_cli
 
 
 def pixels(seed: int, size=(12, 10)) -> np.ndarray:
@@ -40,7 +40,8 @@ def write_shards(pattern: str, samples: list[dict], per_shard: int) -> None:
 
 def read_back(directory) -> dict[str, tuple[int, torch.Tensor]]:
     """key -> (label, image as (C, H, W) uint8) through the training loader."""
-    loader = ShardLoader(directory, batch_size=1, shuffle=False, drop_last=False, world_size=1, rank=0)
+    loader = ShardLoader(directory, batch_size=1, shuffle=False, drop_last=False, world_size=1, rank=0,
+                         settings=loader_settings())
     return {b["key"][0]: (int(b["cls"][0]), b["image"][0]) for b in loader.epoch(0)}
 
 

@@ -20,7 +20,7 @@ from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.tar import iter_samples
 from dpt_scale.shards.verify import verify
-from helpers import assert_one_line_error, make_shard_set, run_cli
+from helpers import assert_one_line_error, loader_settings, make_shard_set, run_cli
 
 SHARDS = [6, 5, 7]  # images per shard; 2 classes, 16x16 RGB
 
@@ -131,8 +131,8 @@ def test_a_repeat_run_rewrites_nothing_and_a_killed_run_redoes_only_unfinished_s
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_loader_streams_moments_and_takes_labels_by_key(encoded, workers):
     moments = stored_moments(encoded)
-    loader = ShardLoader(latents(encoded), batch_size=4, field="moments.npy", workers=workers, streams=2,
-                         world_size=1, rank=0)
+    loader = ShardLoader(latents(encoded), batch_size=4, field="moments.npy", world_size=1, rank=0,
+                         settings=loader_settings(workers=workers, streams=2))
     seen = []
     for batch in loader.epoch(0):
         assert "image" not in batch and batch["moments"].shape == (4, 2, 2, 4, 8, 8)
@@ -143,7 +143,8 @@ def test_the_loader_streams_moments_and_takes_labels_by_key(encoded, workers):
         seen += batch["key"]
     assert len(seen) == len(set(seen)) == 16  # 18 samples, full batches of 4
     pseudo = {key: 1 for key in moments}  # as diffusion.labels=pseudo joins the stage-1 labels
-    loader = ShardLoader(latents(encoded), batch_size=4, field="moments.npy", labels=pseudo, world_size=1, rank=0)
+    loader = ShardLoader(latents(encoded), batch_size=4, field="moments.npy", labels=pseudo, world_size=1, rank=0,
+                         settings=loader_settings())
     assert "cls" not in loader.fields  # the set's own labels are not even read
     assert {c for b in loader.epoch(0) for c in b["cls"].tolist()} == {1}
 

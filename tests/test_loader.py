@@ -10,7 +10,7 @@ from dpt_scale.errors import ShardError, UserError
 from dpt_scale.shards.loader import ShardLoader
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan
-from helpers import jpeg
+from helpers import jpeg, loader_settings
 
 
 def keys(loader, epoch=0, offset=0):
@@ -36,7 +36,8 @@ def test_plans_give_every_rank_the_same_work_and_each_sample_once(counts, batch,
 
 
 def test_an_epoch_reads_every_sample_once(uneven_set):
-    loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, world_size=1, rank=0, streams=8)
+    loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, world_size=1, rank=0,
+                         settings=loader_settings(streams=8))
     got = keys(loader)
     assert sorted(got) == [f"s{i:05d}" for i in range(110)]
     batch = next(iter(loader.epoch(0)))
@@ -46,19 +47,23 @@ def test_an_epoch_reads_every_sample_once(uneven_set):
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 def test_order_is_fixed_by_seed_and_epoch_not_by_workers(uneven_set):
-    base = dict(batch_size=4, world_size=1, rank=0, streams=4, shuffle_buffer=64)
-    reference = keys(ShardLoader(uneven_set, seed=3, **base))
-    assert keys(ShardLoader(uneven_set, seed=3, **base)) == reference
-    assert keys(ShardLoader(uneven_set, seed=3, workers=2, **base)) == reference
-    assert keys(ShardLoader(uneven_set, seed=3, workers=4, **base)) == reference
-    assert keys(ShardLoader(uneven_set, seed=3, **base), epoch=1) != reference
-    assert keys(ShardLoader(uneven_set, seed=4, **base)) != reference
+    def loader(seed, workers=0):
+        return ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, seed=seed,
+                           settings=loader_settings(workers=workers, streams=4, shuffle_buffer=64))
+
+    reference = keys(loader(3))
+    assert keys(loader(3)) == reference
+    assert keys(loader(3, workers=2)) == reference
+    assert keys(loader(3, workers=4)) == reference
+    assert keys(loader(3), epoch=1) != reference
+    assert keys(loader(4)) != reference
     assert sorted(reference) != reference  # actually shuffled
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_offset_resumes_exactly_where_the_epoch_stopped(uneven_set, workers):
-    loader = ShardLoader(uneven_set, batch_size=4, seed=1, world_size=2, rank=1, streams=4, workers=workers)
+    loader = ShardLoader(uneven_set, batch_size=4, seed=1, world_size=2, rank=1,
+                         settings=loader_settings(streams=4, workers=workers))
     full = keys(loader, epoch=2)
     for done in (1, 3, 6, len(full) // 4):
         assert keys(loader, epoch=2, offset=4 * done) == full[4 * done:]
@@ -72,21 +77,23 @@ def test_offset_resumes_exactly_where_the_epoch_stopped(uneven_set, workers):
 
 def test_random_transforms_repeat_on_resume(uneven_set):
     noisy = lambda image: image.float() + torch.rand(image.shape)  # noqa: E731
-    loader = ShardLoader(uneven_set, batch_size=4, seed=1, streams=2, transform=noisy, world_size=1, rank=0)
+    loader = ShardLoader(uneven_set, batch_size=4, seed=1, transform=noisy, world_size=1, rank=0,
+                         settings=loader_settings(streams=2))
     full = [b["image"] for b in loader.epoch(0)]
     resumed = [b["image"] for b in loader.epoch(0, offset=8)]
     assert all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
     assert not torch.equal(full[0], full[1])
     for workers in (0, 2):  # loading, in-process or with workers, leaves the caller's RNG alone
         state = torch.get_rng_state()
-        list(ShardLoader(uneven_set, batch_size=4, seed=1, streams=2, transform=noisy, world_size=1, rank=0,
-                         workers=workers).epoch(0))
+        list(ShardLoader(uneven_set, batch_size=4, seed=1, transform=noisy, world_size=1, rank=0,
+                         settings=loader_settings(streams=2, workers=workers)).epoch(0))
         assert torch.equal(state, torch.get_rng_state())
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_run_on_across_epochs_in_the_same_order(uneven_set, workers):
-    loader = ShardLoader(uneven_set, batch_size=4, seed=2, world_size=1, rank=0, streams=2, workers=workers)
+    loader = ShardLoader(uneven_set, batch_size=4, seed=2, world_size=1, rank=0,
+                         settings=loader_settings(streams=2, workers=workers))
     per_epoch = len(loader)
     endless = list(islice(loader.batches(1, offset=8), 2 * per_epoch))
     assert [(b["epoch"], b["index"]) for b in endless] == (
@@ -99,10 +106,10 @@ def test_batches_run_on_across_epochs_in_the_same_order(uneven_set, workers):
 def test_small_batches_handed_over_several_at_a_time_keep_the_order_and_resume(uneven_set, workers):
     """A worker hands small batches over 4 to a DataLoader item; items straddle epochs (27 batches
     an epoch) and a resume can start inside one, and the batches are still those read in-process."""
-    base = dict(batch_size=4, seed=2, world_size=1, rank=0, streams=8)
-    loader = ShardLoader(uneven_set, workers=workers, **base)
+    base = dict(batch_size=4, seed=2, world_size=1, rank=0)
+    loader = ShardLoader(uneven_set, **base, settings=loader_settings(workers=workers, streams=8))
     assert loader.bundle == 4
-    reference = ShardLoader(uneven_set, **base)
+    reference = ShardLoader(uneven_set, **base, settings=loader_settings(streams=8))
     for epoch, offset in ((1, 0), (1, 4 * 3), (2, 4 * 26)):
         got = list(islice(loader.batches(epoch, offset), 2 * len(loader)))
         want = list(islice(reference.batches(epoch, offset), 2 * len(loader)))
@@ -112,7 +119,8 @@ def test_small_batches_handed_over_several_at_a_time_keep_the_order_and_resume(u
 
 def test_shards_without_a_usable_index_are_walked_to_the_same_batches(uneven_set, caplog):
     def batches(workers=0):
-        loader = ShardLoader(uneven_set, batch_size=4, seed=3, world_size=1, rank=0, streams=4, workers=workers)
+        loader = ShardLoader(uneven_set, batch_size=4, seed=3, world_size=1, rank=0,
+                             settings=loader_settings(streams=4, workers=workers))
         return [(b["key"], b["cls"].tolist(), b["image"].clone()) for b in loader.epoch(1)]
 
     def same(a, b):
@@ -138,7 +146,8 @@ def test_a_spurious_ast_error_while_reading_an_index_does_not_stop_the_epoch(une
     DataLoader worker here). The index is read again instead of ending the run."""
     import numpy as np
 
-    reference = [b["key"] for b in ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0).epoch(0)]
+    reference = [b["key"] for b in ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0,
+                                               settings=loader_settings()).epoch(0)]
     real_load, failures = np.load, iter([True, False, True])
 
     def flaky_load(*args, **kwargs):
@@ -147,13 +156,14 @@ def test_a_spurious_ast_error_while_reading_an_index_does_not_stop_the_epoch(une
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(np, "load", flaky_load)
-    assert [b["key"] for b in ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0).epoch(0)] == reference
+    assert [b["key"] for b in ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0,
+                                          settings=loader_settings()).epoch(0)] == reference
 
 
 def test_shards_kept_between_epochs_change_nothing_when_few_are_kept(uneven_set, monkeypatch):
     import dpt_scale.shards.shard_cache as shard_cache
 
-    loader = ShardLoader(uneven_set, batch_size=4, seed=5, world_size=1, rank=0, streams=2)
+    loader = ShardLoader(uneven_set, batch_size=4, seed=5, world_size=1, rank=0, settings=loader_settings(streams=2))
     reference = [b["key"] for b in islice(loader.batches(0), 3 * len(loader))]
     monkeypatch.setattr(shard_cache, "SHARDS_KEPT", 1)  # rows rebuilt and shards reopened when read again
     assert [b["key"] for b in islice(loader.batches(0), 3 * len(loader))] == reference
@@ -161,11 +171,13 @@ def test_shards_kept_between_epochs_change_nothing_when_few_are_kept(uneven_set,
 
 def test_impossible_settings_are_clear_errors(uneven_set):
     with pytest.raises(UserError, match="too few for 4 rank"):
-        ShardLoader(uneven_set, batch_size=64, world_size=4, rank=0)
+        ShardLoader(uneven_set, batch_size=64, world_size=4, rank=0, settings=loader_settings())
     with pytest.raises(UserError, match="3 dataloader workers do not divide 4 streams"):
-        ShardLoader(uneven_set, batch_size=4, streams=4, workers=3)
+        ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, settings=loader_settings(streams=4, workers=3))
+    with pytest.raises(UserError, match="rank 2 is not one of world size 2's ranks 0..1"):
+        ShardLoader(uneven_set, batch_size=4, world_size=2, rank=2, settings=loader_settings())
     with pytest.raises(ShardError, match="not a complete shard set"):
-        ShardLoader(uneven_set.parent, batch_size=4)
+        ShardLoader(uneven_set.parent, batch_size=4, world_size=1, rank=0, settings=loader_settings())
 
 
 def damage(shard_set, shard_index, how):
@@ -187,7 +199,8 @@ def damage(shard_set, shard_index, how):
 def test_damage_stops_the_epoch_naming_shard_and_member(uneven_set, how, fragment):
     path = damage(uneven_set, 3, how)
     for workers in (0, 2):
-        loader = ShardLoader(uneven_set, batch_size=4, streams=2, workers=workers, world_size=1, rank=0)
+        loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0,
+                             settings=loader_settings(streams=2, workers=workers))
         with pytest.raises(ShardError) as info:
             keys(loader)
         message = str(info.value)
@@ -223,14 +236,15 @@ def test_skip_policy_replaces_losses_counts_them_and_keeps_ranks_in_step(uneven_
                 readable += 1
     expected_lost = {"truncate": 50 - readable, "flip": 1, "missing": 50}[how]
     for workers in (0, 2):  # one rank, 110 = 22 x 5: every sample is planned, so every loss shows
-        loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, streams=2, workers=workers,
-                             world_size=1, rank=0, on_corrupt="skip")
+        loader = ShardLoader(uneven_set, batch_size=5, drop_last=False, world_size=1, rank=0,
+                             settings=loader_settings(streams=2, workers=workers, on_corrupt="skip"))
         batches = list(loader.epoch(0))
         assert len(batches) == len(loader) == 22 and all(len(b["key"]) == 5 for b in batches)
         assert loader.lost == expected_lost
     assert "replaced by repeats" in caplog.text and "verify" in caplog.text
     for rank in (0, 1):  # two ranks still get the same, full batches
-        loader = ShardLoader(uneven_set, batch_size=4, streams=2, world_size=2, rank=rank, on_corrupt="skip")
+        loader = ShardLoader(uneven_set, batch_size=4, world_size=2, rank=rank,
+                             settings=loader_settings(streams=2, on_corrupt="skip"))
         assert [len(b["key"]) for b in loader.epoch(0)] == [4] * len(loader) == [4] * 13
 
 
@@ -241,7 +255,8 @@ def test_json_field_is_delivered_when_asked(tmp_path):
     with ShardSetWriter(tmp_path, classes=["a"]) as w:
         for i in range(4):
             w.write({"__key__": f"k{i}", "png": png(i), "cls": 0, "json": {"seed": i}}, (1, 8, 8))
-    loader = ShardLoader(tmp_path, batch_size=4, shuffle=False, with_json=True, world_size=1, rank=0)
+    loader = ShardLoader(tmp_path, batch_size=4, shuffle=False, with_json=True, world_size=1, rank=0,
+                         settings=loader_settings())
     assert next(iter(loader.epoch(0)))["json"] == [{"seed": i} for i in range(4)]
 
 
@@ -256,9 +271,10 @@ def test_images_of_different_sizes_need_a_transform(tmp_path):
         for i, size in enumerate(sizes):
             w.write({"__key__": f"k{i:02d}", "png": png(i, size), "cls": 0}, (1, size, size))
     with pytest.raises(UserError, match="different shapes"):
-        keys(ShardLoader(tmp_path, batch_size=32, shuffle=False, world_size=1, rank=0))
+        keys(ShardLoader(tmp_path, batch_size=32, shuffle=False, world_size=1, rank=0, settings=loader_settings()))
     crop = lambda image: image[:, :8, :8]  # noqa: E731
-    assert len(keys(ShardLoader(tmp_path, batch_size=4, transform=crop, world_size=1, rank=0))) == 32
+    assert len(keys(ShardLoader(tmp_path, batch_size=4, transform=crop, world_size=1, rank=0,
+                                settings=loader_settings()))) == 32
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -270,7 +286,8 @@ def test_reused_batch_buffers_never_overwrite_batches_still_held(uneven_set, wor
 
     by_key = {s["__key__"]: decode_image(s["png"], 1) for e in Manifest.load(uneven_set).shards
               for s in iter_samples(uneven_set / e.name)}
-    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0,
+                         settings=loader_settings(streams=2, workers=workers))
     kept = list(islice(loader.batches(0), 3 * len(loader)))  # every batch held at once
     arrays = [(b["key"], b["image"].numpy()) for b in islice(loader.batches(0), 3 * len(loader))]
     for batch_keys, images in [(b["key"], b["image"]) for b in kept] + arrays:
@@ -279,7 +296,8 @@ def test_reused_batch_buffers_never_overwrite_batches_still_held(uneven_set, wor
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batch_buffers_are_recycled_when_dropped(uneven_set, workers):
-    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0,
+                         settings=loader_settings(streams=2, workers=workers))
     addresses = {b["image"].data_ptr() for b in islice(loader.batches(0), 40)}
     assert len(addresses) <= 4 * max(workers, 1)  # a few buffers per worker serve all 40 batches
 
@@ -293,7 +311,8 @@ def test_rgb_batches_come_channels_last_with_exact_pixels(tmp_path, workers):
     with ShardSetWriter(tmp_path, classes=["a"], max_samples=5) as w:
         for i in range(12):
             w.write({"__key__": f"k{i:02d}", "png": png(i, size=6, channels=3), "cls": 0}, (3, 6, 6))
-    loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0,
+                         settings=loader_settings(streams=2, workers=workers))
     for batch in loader.epoch(0):
         assert batch["image"].shape == (4, 3, 6, 6)
         assert batch["image"].is_contiguous(memory_format=torch.channels_last)
@@ -311,7 +330,7 @@ def test_a_slow_consumer_always_sees_each_batch_as_decoded(uneven_set):
 
     by_key = {s["__key__"]: decode_image(s["png"], 1) for e in Manifest.load(uneven_set).shards
               for s in iter_samples(uneven_set / e.name)}
-    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, streams=2, workers=2)
+    loader = ShardLoader(uneven_set, batch_size=4, world_size=1, rank=0, settings=loader_settings(streams=2, workers=2))
     for batch in islice(loader.batches(0), 40):
         time.sleep(0.02)  # the workers fill their next buffers meanwhile
         assert all(torch.equal(image, by_key[k]) for k, image in zip(batch["key"], batch["image"]))
@@ -324,7 +343,7 @@ def test_jpeg_of_another_size_or_damaged_is_still_caught_in_place(tmp_path):
         with ShardSetWriter(directory, classes=["a"], max_samples=100, image_field="jpg") as w:
             for i in range(8):
                 w.write({"__key__": f"k{i}", "jpg": odd if i == 3 else jpeg(i, 16, "RGB"), "cls": 0}, (3, 16, 16))
-        return ShardLoader(directory, batch_size=8, shuffle=False, world_size=1, rank=0)
+        return ShardLoader(directory, batch_size=8, shuffle=False, world_size=1, rank=0, settings=loader_settings())
 
     with pytest.raises(UserError, match="different shapes"):
         next(iter(build(tmp_path / "size", jpeg(3, 24, "RGB")).epoch(0)))
@@ -374,7 +393,8 @@ def test_batches_hold_the_pixels_torchvision_decodes(tmp_path, fmt, workers, cha
     with ShardSetWriter(tmp_path, classes=["a"], max_samples=5, image_field=fmt) as w:
         for key, data in blobs.items():
             w.write({"__key__": key, fmt: data, "cls": 0}, (channels, 16, 16))
-    loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0, streams=2, workers=workers)
+    loader = ShardLoader(tmp_path, batch_size=4, world_size=1, rank=0,
+                         settings=loader_settings(streams=2, workers=workers))
     assert loader.in_place == (channels, 16, 16)
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     seen = set()
@@ -424,7 +444,7 @@ def test_a_png_that_libspng_would_misread_is_reported_as_damaged(tmp_path):
         for i in range(8):
             w.write({"__key__": f"k{i}", "png": misread(disc_png(i)) if i == 3 else disc_png(i), "cls": 0},
                     (1, 16, 16))
-    loader = ShardLoader(tmp_path, batch_size=8, shuffle=False, world_size=1, rank=0)
+    loader = ShardLoader(tmp_path, batch_size=8, shuffle=False, world_size=1, rank=0, settings=loader_settings())
     assert loader.in_place == (1, 16, 16)
     with pytest.raises(ShardError, match=r"k3\.png' does not decode \(damaged PNG"):
         next(iter(loader.epoch(0)))

@@ -10,10 +10,12 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from datetime import timedelta
     import torch, torch.distributed as dist
+    from dpt_scale.recipe.schema import Loader
     from dpt_scale.shards.loader import ShardLoader
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    loader = ShardLoader(sys.argv[1], batch_size=4, workers=int(sys.argv[3]), streams=4, seed=0)
+    loader = ShardLoader(sys.argv[1], batch_size=4, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                         settings=Loader(workers=int(sys.argv[3]), streams=4), seed=0)
     steps, keys = 0, []
     for epoch in range(2):
         for batch in loader.epoch(epoch):

@@ -1,6 +1,7 @@
 """Batches of decoded images from a shard set, for one rank of a (possibly distributed) job.
 
-    loader = ShardLoader("runs/x/data/train", batch_size=64, seed=0, workers=2, streams=24)
+    loader = ShardLoader("runs/x/data/train", batch_size=64, rank=0, world_size=1, seed=0,
+                         settings=recipe.data.loader)  # workers, streams, shuffle buffer, on_corrupt
     for batch in loader.batches(epoch=start_epoch, offset=samples_done_in_that_epoch):
         batch["image"]   # uint8 (B, C, H, W), or whatever `transform` returns, stacked; RGB
                          # batches come in channels_last memory format (.contiguous() for NCHW)
@@ -44,13 +45,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dpt_scale.distributed import rank_and_world
 from dpt_scale.errors import ShardError, UserError
+from dpt_scale.recipe.schema import Loader
 from dpt_scale.shards.batch_fill import BatchFiller
 from dpt_scale.shards.batchpool import BatchPool, PooledBatch, as_is
-from dpt_scale.shards.decode import (
-    in_place_shape,
-)
+from dpt_scale.shards.decode import in_place_shape
 from dpt_scale.shards.manifest import Manifest
 from dpt_scale.shards.plan import EpochPlan, Segment
 from dpt_scale.shards.rows import JSON_END, JSON_START, LABEL, SHARD
@@ -66,25 +65,28 @@ BUNDLE, BUNDLE_BYTES = 4, 1 << 20
 
 
 class ShardLoader:
-    def __init__(self, directory: str | Path, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, transform: Callable | None = None, workers: int = 0,
-                 streams: int = 1, shuffle_buffer: int = 4096, on_corrupt: str = "error",
-                 rank: int | None = None, world_size: int | None = None, with_json: bool = False,
-                 pin_memory: bool = False, labels: Mapping[str, int] | None = None, field: str | None = None):
-        if on_corrupt not in POLICIES:
-            raise UserError(f"on_corrupt must be one of {POLICIES}, got {on_corrupt!r}")
+    def __init__(self, directory: str | Path, batch_size: int, *, rank: int, world_size: int,
+                 settings: Loader | None = None, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 transform: Callable | None = None, labels: Mapping[str, int] | None = None,
+                 field: str | None = None, with_json: bool = False, pin_memory: bool = False):
+        """`settings` are the recipe's `data.loader` (workers, streams, shuffle buffer, damaged-data
+        policy); rank and world are the caller's, so that no rank reads another's samples by mistake."""
+        settings = settings or Loader()
+        if settings.on_corrupt not in POLICIES:
+            raise UserError(f"on_corrupt must be one of {POLICIES}, got {settings.on_corrupt!r}")
         if field is not None and not field.endswith("npy"):
             raise UserError(f"field {field!r}: the loader batches images or a .npy member")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not one of world size {world_size}'s ranks 0..{world_size - 1}")
         self.dir = Path(directory)
         self.manifest = Manifest.load(self.dir)
         if field is None and self.manifest.image is None:
             raise ShardError(f"{self.dir}: this shard set holds no images")
-        env_rank, env_world = rank_and_world()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_world if world_size is None else world_size
+        self.rank, self.world_size = rank, world_size
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.transform, self.workers, self.streams = transform, workers, streams
-        self.shuffle_buffer, self.on_corrupt, self.pin_memory = shuffle_buffer, on_corrupt, pin_memory
+        self.workers, self.streams = settings.workers, settings.streams
+        self.shuffle_buffer, self.on_corrupt = settings.shuffle_buffer, settings.on_corrupt
+        self.transform, self.pin_memory = transform, pin_memory
         # The member each sample adds to the batch, and the batch entry it goes to.
         self.field = field or self.manifest.image["field"]
         self.name = "image" if field is None else field.split(".")[0]
@@ -100,8 +102,8 @@ class ShardLoader:
                                 | ({"json"} if with_json else set()))
         self.lost = 0
         self.batches_per_epoch = self.plan(0).num_batches  # fails now if the set is too small
-        if workers and streams % workers:
-            raise UserError(f"{workers} dataloader workers do not divide {streams} streams; "
+        if self.workers and self.streams % self.workers:
+            raise UserError(f"{self.workers} dataloader workers do not divide {self.streams} streams; "
                             "set data.loader.workers to a divisor of data.loader.streams")
         self.bundle = self._bundle()
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -71,7 +70,7 @@ def make_evaluator(recipe: Recipe) -> Path:
                                     "method": "evaluator", "stage": "make-evaluator"},
                       recipe=recipe, stage="make-evaluator")
     loader = ShardLoader(train_dir, train.micro_batch, seed=recipe.seed, transform=weak(cfg.augment, size),
-                         **asdict(recipe.data.loader), rank=trainer.rank, world_size=trainer.world,
+                         settings=recipe.data.loader, rank=trainer.rank, world_size=trainer.world,
                          pin_memory=device.type == "cuda")
     weights = trainer.fit(loader)
     scores = evaluate_classifier(load_classifier(weights, device=device), val_dir, recipe.classifier.pseudo_label.batch,

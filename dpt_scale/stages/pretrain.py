@@ -101,7 +101,7 @@ def pretrain(recipe: Recipe) -> Path:
     if hasattr(method, "attach"):
         method.attach(trainer, model_fn)
     # labels={}: the shards' labels are not even read (the hidden-label guarantee, for every label)
-    loader = ShardLoader(train_dir, cfg.train.micro_batch, seed=seed, **asdict(recipe.data.loader), labels={},
+    loader = ShardLoader(train_dir, cfg.train.micro_batch, seed=seed, settings=recipe.data.loader, labels={},
                          rank=trainer.rank, world_size=trainer.world, pin_memory=trainer.device.type == "cuda")
     if trainer.rank == 0:  # after the loader, which refuses a set too small for the batch
         save_recipe(recipe, out / "recipe.yaml")

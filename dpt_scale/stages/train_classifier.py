@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -214,7 +213,7 @@ def _mixture(recipe: Recipe, micro: int, method, bank: LabelledBank, pseudo: lis
     weak_view = None if method.frozen_backbone else weak(cfg.augment, size)  # features: no augmentation
 
     def shards(path: Path, batch: int, seed: int, transform, labels=None) -> ShardSource:
-        return ShardSource(ShardLoader(path, batch, seed=seed, transform=transform, **asdict(recipe.data.loader),
+        return ShardSource(ShardLoader(path, batch, seed=seed, transform=transform, settings=recipe.data.loader,
                                        labels=labels, rank=rank, world_size=world))
 
     sources = {}

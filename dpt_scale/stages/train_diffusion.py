@@ -19,7 +19,6 @@ against a recipe). diffusion.init starts a fresh run from a U-ViT checkpoint mad
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -89,7 +88,7 @@ def train_diffusion(recipe: Recipe) -> Path:
                       export_extra=export_extra, init=init,
                       hooks=[DiffusionProbe(recipe, settings, schedule, manifest.classes, latent, out)],
                       recipe=recipe, stage="train-diffusion")
-    loader = ShardLoader(shards, cfg.train.micro_batch, seed=recipe.seed, **asdict(recipe.data.loader), labels=pseudo,
+    loader = ShardLoader(shards, cfg.train.micro_batch, seed=recipe.seed, settings=recipe.data.loader, labels=pseudo,
                          field=MOMENTS if latent else None, rank=trainer.rank, world_size=trainer.world,
                          pin_memory=trainer.device.type == "cuda")
     if trainer.rank == 0:  # after the loader, which refuses a set too small for the batch
