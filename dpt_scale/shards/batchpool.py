@@ -1,14 +1,14 @@
 """Reused batch buffers, so that a batch does not cost fresh memory every time.
 
 A DataLoader worker normally puts every batch into a new shared-memory segment, and a large batch
-in-process gets a new allocation; the first touch of fresh pages dominates on some machines (here:
-stacking 256 64x64 RGB images into fresh shared memory costs 2.6 ms, into reused memory 0.2 ms;
-docs/benchmarks.md). So each worker keeps a few buffers (shared memory inside a DataLoader worker,
-ordinary memory in-process) and writes batches into them.
+in-process gets a new allocation; the first touch of fresh pages dominates on some machines (about
+ten times the cost of stacking into reused memory: docs/shards.md). So each worker keeps a few
+buffers (shared memory inside a DataLoader worker, ordinary memory in-process) and writes batches
+into them.
 
 A buffer crosses from a worker to the main process once: after that only its slot and layout
 travel, and the main process rebuilds the batch over its own mapping of the buffer (sending a
-shared tensor costs a file-descriptor handover per batch, about 0.5 ms; docs/benchmarks.md).
+shared tensor costs a file-descriptor handover per batch).
 
 A buffer is reused only once nothing outside the pool refers to it any more: the main process
 keeps one reference to each buffer it has received and, before each batch, hands back every
@@ -29,7 +29,7 @@ from dpt_scale.errors import UserError
 
 STACK_BYTES = 2 << 20  # decoded images are stacked into a batch this many bytes at a time
 # A batch starts this many bytes into its buffer: simplejpeg decodes faster into memory 16 bytes past
-# torch's 64-byte allocation boundary (docs/benchmarks.md), and 16 keeps every dtype aligned.
+# an aligned boundary (docs/shards.md), and 16 keeps every dtype aligned.
 OFFSET = 16
 
 

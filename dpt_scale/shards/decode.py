@@ -6,7 +6,7 @@ do not handle (other colour modes, 16-bit or alpha PNGs, WebP) and damaged files
 so that what counts as damage stays its call. Neither PNG decoder is safe on damaged bytes (one
 crashes the process, the other decodes wrong pixels silently), and every image was decoded by PIL
 when written, so chunk CRCs are checked before any decoder sees the bytes. We call the op that
-`torchvision.io.decode_image` wraps, without its per-call logging. Figures: docs/benchmarks.md.
+`torchvision.io.decode_image` wraps, without its per-call logging. Figures: docs/shards.md.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
 def decode_images(blobs: list, channels: int) -> list[torch.Tensor]:
     """`decode_image` over a list, with every PNG's chunk check done first, in a pass of its own:
     interleaved with calls into libpng the check's Python loop runs at half speed (28 px MNIST
-    PNGs: 1.33x the images/s of one by one; docs/benchmarks.md). The first image that does not
+    PNGs: 1.33x the images/s of one by one; docs/shards.md). The first image that does not
     decode raises ImageDecodeError; `decode_image` one by one tells which it is."""
     if not all([png_chunks_intact(data) for data in blobs if data[:8] == _PNG_SIGNATURE]):
         raise ImageDecodeError("damaged PNG (chunk CRC mismatch or truncated)")

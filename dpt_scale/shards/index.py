@@ -4,7 +4,7 @@ Our writer stores it as the shard's last member, `__index__` (a .npy structured 
 manifest records where that member's bytes are. A reader then finds every sample with one array
 lookup instead of walking the tar's headers: the walk costs ~5 us per sample in Python, a fifth
 of decoding a 28x28 PNG, and the loader's batches are built with array operations from the index
-(docs/benchmarks.md). The member stays inside the tar, so copying a shard copies its index and
+(docs/shards.md). The member stays inside the tar, so copying a shard copies its index and
 the shard's checksum covers it; stock `tar` lists it and stock webdataset skips it as metadata
 (names `__...__`). Shards written by other tools, or before the index existed, are walked once
 to build the same array (`walk_index`).

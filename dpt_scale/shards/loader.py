@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
 # A DataLoader item costs the main process ~150 us and a worker about as much, whatever it holds,
 # a few percent of decoding a batch of small images; so a worker hands small batches over several
-# at a time, up to BUNDLE of them or about BUNDLE_BYTES of images (docs/benchmarks.md).
+# at a time, up to BUNDLE of them or about BUNDLE_BYTES of images (docs/shards.md).
 BUNDLE, BUNDLE_BYTES = 4, 1 << 20
 
 

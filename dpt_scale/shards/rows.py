@@ -6,7 +6,7 @@ shard's number in the manifest), LABEL (the `cls` member, or the caller's mappin
 START and END (the bytes of the member the loader decodes) and, when asked for, JSON_START and
 JSON_END. The integers share one array so that the loader builds a stream's rows with one slice,
 one concatenation and one gather, not one of each per column (a stream's set-up was the largest
-piece of the loader's own work at 28 px; docs/benchmarks.md). `bad` holds a problem code per row
+piece of the loader's own work at 28 px; docs/shards.md). `bad` holds a problem code per row
 (0: readable); `explain(i)` words row i's problem for a user, naming the shard and member.
 """
 from __future__ import annotations

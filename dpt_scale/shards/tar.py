@@ -2,7 +2,7 @@
 
 Written by hand instead of using `tarfile` (which webdataset uses): tarfile's stream reader costs
 ~45 us per member, more than decoding a 28x28 PNG, while unpacking the 512-byte headers straight
-from a memory-mapped file costs ~2 us (docs/benchmarks.md). It reads POSIX ustar, GNU long names
+from a memory-mapped file costs a few us (docs/shards.md). It reads POSIX ustar, GNU long names
 and pax `path`/`size` records, which covers what stock `tar`, Python's tarfile and webdataset write.
 
 Samples follow webdataset's convention: consecutive members `KEY.EXT` form one sample, KEY is the
