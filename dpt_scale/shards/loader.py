@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import random
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from itertools import chain, count
 from pathlib import Path
@@ -57,7 +58,8 @@ from dpt_scale.shards.shard_cache import ShardCache
 from dpt_scale.shards.worker_errors import as_item, raise_if_error
 
 log = logging.getLogger(__name__)
-POLICIES = ("error", "skip")
+# the damaged-data policies are the recipe schema's `data.loader.on_corrupt` choices
+POLICIES = typing.get_args(typing.get_type_hints(Loader)["on_corrupt"])
 # A DataLoader item costs the main process ~150 us and a worker about as much, whatever it holds,
 # a few percent of decoding a batch of small images; so a worker hands small batches over several
 # at a time, up to BUNDLE of them or about BUNDLE_BYTES of images (docs/shards.md).
